@@ -1,0 +1,20 @@
+"""Test-wide settings: nothing may reach the Hub, and caches live in a temporary directory."""
+
+import os
+import tempfile
+
+# Must be set before huggingface_hub / datasets / evaluate are imported anywhere.
+_HOME = tempfile.mkdtemp(prefix="pipeline-tests-hf-")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", _HOME)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
