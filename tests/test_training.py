@@ -1,0 +1,202 @@
+"""The shared training loop: accumulation and multi-process equivalences, exact resume, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.training import (
+    list_checkpoints,
+    lr_multiplier,
+    resolve_resume,
+    save_checkpoint,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+import train_tiny  # noqa: E402
+
+SCRIPT = Path(__file__).parent / "train_tiny.py"
+
+
+def run_in_process(output_dir: Path, **options) -> tuple[dict, dict[str, torch.Tensor]]:
+    report = train_tiny.run({"output_dir": str(output_dir), **options})
+    return report, torch.load(output_dir / "weights-rank0.pt")
+
+
+def run_subprocess(args: list[str], env_extra: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tolerance) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key, **tolerance)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    kwargs = dict(warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
+    cosine = [lr_multiplier(s, schedule="cosine", **kwargs) for s in range(21)]
+    assert cosine[0] > 0 and all(a < b for a, b in zip(cosine[:4], cosine[1:5]))  # warmup rises, never 0
+    assert cosine[4] == pytest.approx(1.0) and cosine[20] == pytest.approx(0.1)
+    assert cosine[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    linear = [lr_multiplier(s, schedule="linear", **kwargs) for s in range(21)]
+    assert linear[12] == pytest.approx(0.55) and linear[20] == pytest.approx(0.1)
+    assert lr_multiplier(15, schedule="constant", **kwargs) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- accumulation
+def test_gradient_accumulation_4x2_equals_batch_8(tmp_path: Path) -> None:
+    """Micro-batches hold different numbers of target tokens: only Σloss/Σtargets over the window matches."""
+    accumulated, w_acc = run_in_process(tmp_path / "acc", batch_size=2, gradient_accumulation_steps=4, max_steps=4)
+    single, w_single = run_in_process(tmp_path / "one", batch_size=8, gradient_accumulation_steps=1, max_steps=4)
+    assert accumulated["seen"][:32] == single["seen"][:32]  # the same samples in the same steps
+    assert accumulated["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert_same_weights(w_acc, w_single, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_resume_after_a_stop_ends_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    full, w_full = run_in_process(tmp_path / "full", max_steps=8)
+    stopped = tmp_path / "stopped"
+    run_in_process(stopped, max_steps=8, save_every=3, keep_last=5)
+    # keep only the step-3 checkpoint, as if the run had died between step 3 and step 6
+    for checkpoint in list_checkpoints(stopped / "checkpoints")[1:]:
+        shutil.rmtree(checkpoint)
+    assert [p.name for p in list_checkpoints(stopped / "checkpoints")] == ["checkpoint-00000003"]
+    resumed, w_resumed = run_in_process(stopped, max_steps=8, save_every=3, resume="auto")
+    assert_same_weights(w_resumed, w_full, rtol=0, atol=0)
+    logged = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 9))  # steps 4..8 logged once, not twice
+    assert [r["loss"] for r in logged] == full["losses"]
+    assert [r["lr"] for r in logged] == full["lrs"]
+
+
+def test_resume_after_sigkill_in_a_subprocess(tmp_path: Path) -> None:
+    full, w_full = run_in_process(tmp_path / "full", max_steps=7, dropout=0.1)
+    out = tmp_path / "killed"
+    options = {"output_dir": str(out), "max_steps": 7, "save_every": 2, "keep_last": 1, "dropout": 0.1}
+    killed = run_subprocess([sys.executable, str(SCRIPT), json.dumps({**options, "kill_at_step": 5})])
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-00000004"]
+    resumed = run_subprocess([sys.executable, str(SCRIPT), json.dumps({**options, "resume": "auto"})])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_same_weights(torch.load(out / "weights-rank0.pt"), w_full, rtol=0, atol=0)  # dropout RNG restored too
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == full["losses"]
+
+
+def test_a_checkpoint_interrupted_while_being_written_is_never_resumed(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    run_in_process(out, max_steps=2, save_every=2)
+    checkpoints = out / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-00000002"]
+
+    # crash inside save_state while writing the step-4 checkpoint
+    from accelerate import Accelerator
+
+    original = Accelerator.save_state
+
+    def save_then_crash(self, output_dir=None, **kwargs):
+        original(self, output_dir, **kwargs)
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process(out, max_steps=4, save_every=4, resume="auto")
+    monkeypatch.undo()
+    assert (checkpoints / ".tmp-checkpoint-00000004").is_dir()  # the half-written one is there...
+    assert resolve_resume("auto", checkpoints).name == "checkpoint-00000002"  # ...but never picked up
+    report, _ = run_in_process(out, max_steps=4, save_every=4, resume="auto")
+    assert not (checkpoints / ".tmp-checkpoint-00000004").exists()
+    assert [p.name for p in list_checkpoints(checkpoints)][-1] == "checkpoint-00000004"
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path: Path) -> None:
+    run_in_process(tmp_path, max_steps=6, save_every=1, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-00000005", "checkpoint-00000006"]
+    state = json.loads((tmp_path / "checkpoints" / "checkpoint-00000006" / "train_state.json").read_text())
+    assert state["step"] == 6 and state["batches_in_epoch"] == 6
+
+
+def test_resume_from_a_path_that_is_not_a_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path), tmp_path / "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------- two CPU ranks
+def _accelerate_launch(num_processes: int, options: dict, use_cpu: bool = True) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    env = {"ACCELERATE_USE_CPU": "1"} if use_cpu else {"ACCELERATE_USE_CPU": "0", "CUDA_VISIBLE_DEVICES": ""}
+    return run_subprocess([*launcher, str(SCRIPT), json.dumps(options)], env_extra=env)
+
+
+def test_two_cpu_ranks_train_like_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    single, w_single = run_in_process(tmp_path / "single", batch_size=4, max_steps=5, save_every=5)
+    out = tmp_path / "ddp"
+    result = _accelerate_launch(2, {"output_dir": str(out), "batch_size": 2, "max_steps": 5, "save_every": 5,
+                                    "expected_processes": 2})
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads((out / f"report-rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(r["rank"] for r in reports) == [0, 1] and {r["world"] for r in reports} == {2}
+    # ranks see disjoint data whose union, step by step, is the single process's batch
+    consumed = [r["seen"][: 5 * 2] for r in reports]
+    assert not set(consumed[0]) & set(consumed[1])
+    for step in range(5):
+        union = set(consumed[0][2 * step: 2 * step + 2]) | set(consumed[1][2 * step: 2 * step + 2])
+        assert union == set(single["seen"][4 * step: 4 * step + 4])
+    # the loss curve and learning rates match; only rank 0 logs and checkpoints
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == pytest.approx(single["losses"], rel=1e-4)
+    assert [r["lr"] for r in logged] == pytest.approx(single["lrs"], rel=1e-9)
+    assert len(logged) == 5  # not one line per rank
+    assert_same_weights(torch.load(out / "weights-rank0.pt"), w_single, rtol=1e-4, atol=1e-5)
+    assert_same_weights(torch.load(out / "weights-rank1.pt"), torch.load(out / "weights-rank0.pt"), rtol=0, atol=0)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-00000005"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_launch_whose_world_differs_from_the_request_is_refused(tmp_path: Path) -> None:
+    """`--multi_gpu` without GPUs or ACCELERATE_USE_CPU starts two unconnected rank-0 processes."""
+    result = _accelerate_launch(2, {"output_dir": str(tmp_path), "max_steps": 1}, use_cpu=False)
+    assert result.returncode != 0
+    assert "asked for 2 processes but this is a world of 1" in result.stderr
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_bits_per_byte_is_loss_over_bytes(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from pipeline.training import evaluate_lm
+    from accelerate import Accelerator
+
+    model = train_tiny.model().eval()
+    rows = train_tiny.dataset()[:6]
+    loader = DataLoader(rows, batch_size=4, collate_fn=lambda ex: {
+        "input_ids": torch.stack([e["input_ids"] for e in ex]), "labels": torch.stack([e["labels"] for e in ex])})
+    byte_lengths = torch.randint(1, 4, (train_tiny.VOCAB,))
+    metrics = evaluate_lm(model, loader, Accelerator(cpu=True), byte_lengths)
+    nll = tokens = n_bytes = 0.0
+    for row in rows:  # by hand, one sequence at a time
+        logits = model(row["input_ids"][None]).logits[0, :-1]
+        for t, target in enumerate(row["labels"][1:].tolist()):
+            if target != -100:
+                nll -= torch.log_softmax(logits[t], -1)[target].item()
+                tokens += 1
+                n_bytes += byte_lengths[target].item()
+    assert metrics["eval_loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert metrics["eval_bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
+    assert metrics["eval_tokens"] == tokens
