@@ -125,6 +125,7 @@ class TrainState:
 
 @dataclass
 class TrainResult:
+    model: torch.nn.Module  # as prepared by accelerate (unwrap it with accelerator.unwrap_model)
     state: TrainState
     history: list[dict[str, Any]] = field(default_factory=list)  # the JSONL records of this run
     final_eval: dict[str, float] = field(default_factory=dict)
@@ -294,6 +295,7 @@ def train(
     *,
     byte_lengths: torch.Tensor | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    run_name: str = "train",
 ) -> TrainResult:
     """Train `model` for `cfg.max_steps` optimizer steps (or `cfg.num_epochs` epochs), evaluating every
     `cfg.eval_every` steps and checkpointing every `cfg.save_every` steps under `output_dir/checkpoints`.
@@ -325,6 +327,8 @@ def train(
         accelerator.load_state(str(resume_from))
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     log = MetricsLog(accelerator, output_dir / LOG_FILE, resume_step=state.step)
+    if accelerator.log_with:
+        accelerator.init_trackers(run_name, config=_plain_config(cfg))
     _announce(accelerator, model, cfg, total_steps, train_loader)
 
     window = cfg.gradient_accumulation_steps
@@ -384,10 +388,18 @@ def train(
         if state.step % cfg.save_every == 0 or state.step == total_steps:
             save_checkpoint(accelerator, state, checkpoint_dir, cfg.keep_last)
     progress.close()
+    if accelerator.log_with:
+        accelerator.end_training()
     if accelerator.is_main_process:
         plot_loss_curve(output_dir / LOG_FILE, output_dir / "loss_curve.png")
     accelerator.wait_for_everyone()
-    return TrainResult(state=state, history=_read_jsonl(output_dir / LOG_FILE), final_eval=final_eval)
+    return TrainResult(model=model, state=state, history=_read_jsonl(output_dir / LOG_FILE), final_eval=final_eval)
+
+
+def _plain_config(cfg: Any) -> dict[str, Any]:
+    """Tracker-friendly hyper-parameters (TensorBoard takes only scalars and strings)."""
+    values = asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(vars(cfg))
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
 def _own_generator(loader: DataLoader | None) -> None:
