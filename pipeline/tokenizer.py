@@ -27,9 +27,10 @@ import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DEFAULT_SPECIAL_TOKENS: dict[str, str] = {
     "bos_token": "<|bos|>",
@@ -209,3 +210,39 @@ def _iter_texts(texts: Iterable[str | list[str]]) -> Iterator[str]:
                 raise TypeError(f"Expected str texts (or lists of str), got {type(text).__name__}: {text!r:.80}")
             if text:
                 yield text
+
+
+def run_tokenizer_stage(recipe: Any, accelerator: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer stage of a recipe → `output_dir/tokenizer/`: an existing tokenizer (`tokenizer.path`) copied
+    there, or a byte-level BPE trained on the TRAINING documents of `tokenizer.sources` (the held-out ones stay
+    unseen) with its fertility on the held-out documents in `fertility.json`."""
+    from pipeline.data import load_corpus  # data imports this module: import at call time
+    from pipeline.sources import SourceSpec
+
+    section, folder = recipe.tokenizer, recipe.output_dir / "tokenizer"
+    report = None
+    if section.path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(section.path)
+    else:
+        with accelerator.main_process_first():
+            train_docs, held_out = load_corpus(
+                [SourceSpec(**vars(s)) for s in section.sources], seed=recipe.seed,
+                validation_fraction=recipe.data.validation_fraction, max_documents=section.max_documents,
+            )
+        if accelerator.is_main_process:
+            batches = (batch["text"] for batch in train_docs.iter(batch_size=_FERTILITY_BATCH))
+            tokenizer = train_tokenizer(
+                batches, vocab_size=section.vocab_size, min_frequency=section.min_frequency,
+                model_max_length=recipe.model.max_position_embeddings,
+            )
+            report = fertility_report(tokenizer, held_out["text"])
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(folder)
+        if report is not None:
+            (folder / "fertility.json").write_text(json.dumps(report, indent=2))
+            accelerator.print(
+                f"tokenizer: {len(tokenizer)} tokens | held-out fertility {report['tokens_per_word']:.2f} tokens/word, "
+                f"{report['bytes_per_token']:.2f} bytes/token"
+            )
+    accelerator.wait_for_everyone()
+    return AutoTokenizer.from_pretrained(folder)
