@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="processes this run must have (refuses to start in any other world; default: what the launcher set)",
     )
 
+    from pipeline.concepts import add_inspect_commands
+
+    add_inspect_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)

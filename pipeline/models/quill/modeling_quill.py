@@ -160,10 +160,7 @@ class QuillAttention(nn.Module):
             key, value = past_key_values.update(key, value, self.layer_idx)  # (B, K, S, D)
 
         implementation = _effective_implementation(self.config, output_attentions)
-        if implementation == "eager":
-            attention_interface = eager_attention_forward
-        else:
-            attention_interface = ALL_ATTENTION_FUNCTIONS[implementation]
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, weights = attention_interface(
             self,
             query,

