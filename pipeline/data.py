@@ -1,0 +1,518 @@
+"""Data stage: sources -> mixed documents -> held-out validation -> token blocks -> batches.
+
+    load_corpus(sources)        validate every source, load them, hold out validation DOCUMENTS, mix by weight
+    tokenize_and_pack(ds, tok)  [bos] + tokens + [eos] per document, concatenated and cut into fixed blocks
+    collate(examples)           LongTensor batches; pads only unpacked (variable-length) examples
+    token_byte_lengths(tok)     UTF-8 bytes behind every token id, for bits per byte
+    shard_for_rank(ds)          one rank's share of a streamed dataset
+
+Caching. `datasets.map` names its cache file after a fingerprint that does not hash the body of an imported
+function, so an edited preprocessing function would silently reuse stale blocks. `tokenize_and_pack` builds
+the fingerprint itself from the input's fingerprint, `tokenizer_fingerprint`, the packing settings and
+`PREPROCESSING_VERSION`, and always writes a cache file (in-memory datasets such as the built-in corpora have
+none of their own, and `datasets` would otherwise redo the work on every run). A second run loads the blocks
+from disk without calling the tokenizer; any change to what decides the tokens writes new blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset, IterableDataset
+from datasets.distributed import split_dataset_by_node
+from transformers import PreTrainedTokenizerBase
+
+from pipeline.sources import SourceSpec, _as_spec, load_source, validate_source
+from pipeline.tokenizer import tokenizer_fingerprint
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PREPROCESSING_VERSION",
+    "collate",
+    "load_corpus",
+    "shard_for_rank",
+    "token_byte_lengths",
+    "tokenize_and_pack",
+]
+
+PREPROCESSING_VERSION = "1"
+"""Part of every tokenized cache file's fingerprint: bump it whenever `_Packer` changes what it writes."""
+
+IGNORE_INDEX = -100
+"""Label that `torch.nn.functional.cross_entropy` (and every transformers model) skips."""
+
+StoppingStrategy = Literal["first_exhausted", "all_exhausted", "all_exhausted_without_replacement"]
+_MAP_BATCH_SIZE = 1_000  # documents per `map` call; the blocks do not depend on it (see _Packer)
+
+
+# ------------------------------------------------------------------------------------------ corpus
+
+
+def load_corpus(
+    sources: Sequence[SourceSpec | str | Mapping[str, Any]],
+    *,
+    seed: int,
+    validation_fraction: float,
+    max_documents: int | None = None,
+    streaming: bool = False,
+    validation_documents: int | None = None,
+    stopping_strategy: StoppingStrategy = "all_exhausted",
+) -> tuple[Dataset | IterableDataset, Dataset]:
+    """Load and mix `sources` into (train, validation), split by whole documents.
+
+    Args:
+        sources: `SourceSpec`s, names or mappings (see `pipeline.sources`). Each is validated before any is
+            loaded, so a typo in the last one fails in a second, not after loading the first.
+        seed: decides the held-out documents (map-style) and the mixing order.
+        validation_fraction: share of each source's documents held out, in (0, 1); at least one document
+            is held out and at least one is left for training.
+        max_documents: cap on the documents read from each source (a source's own, smaller cap wins).
+        streaming: read every source lazily and return an `IterableDataset` for training.
+        validation_documents: hold out exactly this many documents per source instead of a fraction.
+            Streaming needs it unless the size of each source is known (`max_documents` or the Hub split size).
+        stopping_strategy: how `datasets.interleave_datasets` ends the mixture. The default,
+            "all_exhausted", keeps drawing until every document of every source has been seen at least
+            once, so the weights hold over the whole epoch and a small, heavily weighted source is
+            repeated (upsampled). "first_exhausted" ends with the first source to run out (nothing is
+            repeated, most of the larger sources is never seen); "all_exhausted_without_replacement" sees
+            every document exactly once, so proportions drift from the weights as sources run out.
+
+    Returns:
+        `train`: the documents not held out (a `Dataset`, or an `IterableDataset` when streaming), mixed
+        with probabilities proportional to the weights; a single source is returned in its own order
+        (the training loader shuffles). `validation`: a small map-style `Dataset` of the held-out documents
+        of all sources, concatenated (unweighted), each text once; no text of it occurs in `train`
+        (training drops documents that repeat a held-out text).
+        Both have a `text` column; with one source its other columns are kept, with several only the
+        columns that all sources share with the same type.
+
+    Held-out documents: map-style sources hold out a seeded random sample of documents; streamed sources
+    hold out their first documents (the only ones that can be read without reading everything).
+    """
+    if isinstance(sources, (str, SourceSpec, Mapping)):
+        sources = [sources]  # one source given bare
+    specs = [_as_spec(source) for source in sources]
+    _check_corpus_arguments(specs, validation_fraction, validation_documents, max_documents, stopping_strategy)
+    for spec in specs:
+        validate_source(spec)  # all of them, before anything is loaded
+    specs = [_with_overrides(spec, max_documents, streaming) for spec in specs]
+
+    train_parts, validation_parts = [], []
+    for index, spec in enumerate(specs):
+        documents = load_source(spec)
+        if isinstance(documents, IterableDataset):
+            n_held_out = _streamed_validation_size(documents, spec, validation_fraction, validation_documents)
+            train, validation = _hold_out_first(documents, n_held_out, spec.name)
+        else:
+            rng = np.random.default_rng((seed, index))  # one stream per source: equal sizes, different picks
+            train, validation = _hold_out_sample(documents, rng, validation_fraction, validation_documents, spec.name)
+        train_parts.append(train)
+        validation_parts.append(validation)
+
+    if len(specs) == 1:
+        return train_parts[0], validation_parts[0]
+    columns = _shared_columns(train_parts)
+    weights = np.array([spec.weight for spec in specs], dtype=float)
+    train = datasets.interleave_datasets(
+        [part.select_columns(columns) for part in train_parts],
+        probabilities=(weights / weights.sum()).tolist(),
+        seed=seed,
+        stopping_strategy=stopping_strategy,
+    )
+    validation = datasets.concatenate_datasets([part.select_columns(columns) for part in validation_parts])
+    return train, validation
+
+
+def _with_overrides(spec: SourceSpec, max_documents: int | None, streaming: bool) -> SourceSpec:
+    # One mixture is all map-style or all streamed: interleave_datasets cannot mix the two.
+    cap = spec.max_documents
+    if max_documents is not None:
+        cap = max_documents if cap is None else min(cap, max_documents)
+    return dataclasses.replace(spec, max_documents=cap, streaming=streaming)
+
+
+def _check_corpus_arguments(
+    specs: list[SourceSpec], fraction: float, count: int | None, max_documents: int | None, stopping_strategy: str
+) -> None:
+    if not specs:
+        raise ValueError("no data sources given: list at least one (a corpus name, a path or a Hub dataset id)")
+    if count is None and not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction!r}; 0.01 holds out 1% of documents")
+    _check_positive_int("validation_documents", count, optional=True)
+    _check_positive_int("max_documents", max_documents, optional=True)
+    allowed = get_args(StoppingStrategy)
+    if stopping_strategy not in allowed:
+        raise ValueError(f"stopping_strategy must be one of {allowed}, got {stopping_strategy!r}")
+
+
+def _check_positive_int(name: str, value: Any, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
+
+
+def _hold_out_sample(
+    documents: Dataset, rng: np.random.Generator, fraction: float, count: int | None, name: str
+) -> tuple[Dataset, Dataset]:
+    """A seeded random sample of documents for validation; training keeps every document whose text differs."""
+    texts = documents.with_format("arrow")[:]["text"]  # Arrow column: no Python strings for the whole corpus
+    non_empty = pc.fill_null(pc.greater(pc.binary_length(texts), 0), False)
+    usable = np.flatnonzero(non_empty.to_numpy(zero_copy_only=False))
+    n = len(usable)
+    if n < 2:
+        raise ValueError(
+            f"source {name!r} has {n} non-empty document(s); at least 2 are needed (1 for validation, 1 for "
+            "training). Add data or raise max_documents."
+        )
+    n_held_out = min(max(1, round(fraction * n)), n - 1) if count is None else count
+    if n_held_out >= n:
+        raise ValueError(
+            f"source {name!r} has {n} documents: validation_documents={count} leaves none for training; "
+            f"use at most {n - 1}"
+        )
+
+    picked = np.sort(rng.choice(usable, size=n_held_out, replace=False))
+    picked_texts = texts.take(pa.array(picked))
+    # Compare by content: a text that occurs twice must not end up on both sides.
+    in_validation = pc.is_in(texts, value_set=pc.unique(picked_texts)).to_numpy(zero_copy_only=False)
+    train_rows = usable[~in_validation[usable]]
+    if len(train_rows) == 0:
+        raise ValueError(f"source {name!r}: its {n} documents are copies of the held-out text(s); deduplicate it")
+    _, first = np.unique(picked_texts.to_numpy(zero_copy_only=False), return_index=True)  # each held-out text once
+    return documents.select(train_rows), documents.select(np.sort(picked[first]))
+
+
+def _streamed_validation_size(stream: IterableDataset, spec: SourceSpec, fraction: float, count: int | None) -> int:
+    if count is not None:
+        return count
+    split = spec.split.split("[")[0]
+    known = spec.max_documents
+    if known is None and stream.info.splits and split in stream.info.splits:
+        known = stream.info.splits[split].num_examples or None
+    if known is None:
+        raise ValueError(
+            f"streamed source {spec.name!r} has no known size, so validation_fraction cannot be turned into a number "
+            "of documents: set validation_documents (documents held out per source) or max_documents"
+        )
+    return max(1, round(fraction * known))
+
+
+def _hold_out_first(stream: IterableDataset, n_held_out: int, name: str) -> tuple[IterableDataset, Dataset]:
+    """The first `n_held_out` non-empty documents for validation; training filters their texts out."""
+    stream = stream.filter(_has_text)
+    head = list(stream.take(n_held_out))
+    if not head:
+        raise ValueError(f"streamed source {name!r} has no non-empty document; check the files / text_column / split")
+    validation = Dataset.from_list(head, features=stream.features)
+    # Filter by content rather than `.skip(n)`: `skip` is split across shards when the stream is later
+    # sharded (DataLoader workers, ranks), so it would drop other documents and keep held-out ones.
+    train = stream.filter(_not_held_out, fn_kwargs={"held_out": frozenset(ex["text"] for ex in head)})
+    if next(iter(train.take(1)), None) is None:
+        raise ValueError(
+            f"streamed source {name!r} has only {len(head)} document(s), all held out for validation: "
+            "at least 1 must be left for training; add data or lower validation_documents"
+        )
+    return train, validation
+
+
+def _has_text(example: dict[str, Any]) -> bool:
+    return bool(example["text"])
+
+
+def _not_held_out(example: dict[str, Any], held_out: frozenset[str]) -> bool:
+    return example["text"] not in held_out
+
+
+def _shared_columns(parts: list[Dataset | IterableDataset]) -> list[str]:
+    """`text` plus the columns that every part has with the same type (interleaving needs equal features)."""
+    if any(part.features is None for part in parts):
+        return ["text"]
+    first = parts[0].features
+    return [c for c in first if c == "text" or all(c in p.features and p.features[c] == first[c] for p in parts[1:])]
+
+
+# ------------------------------------------------------------------------------- tokenize and pack
+
+
+def tokenize_and_pack(
+    dataset: Dataset | IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    block_size: int,
+    packing: bool = True,
+    document_masking: bool = False,
+    num_proc: int = 1,
+    preprocessing_version: str = PREPROCESSING_VERSION,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Dataset | IterableDataset:
+    """Turn the `text` column into training examples with a batched `datasets.map`.
+
+    Every document becomes `[bos] + tokens + [eos]` (empty documents are skipped).
+
+    * `packing=True`: documents are concatenated and cut into blocks of exactly `block_size` tokens; a
+      document may span blocks and the tail shorter than a block is dropped (one tail per `num_proc` worker).
+      Columns: `input_ids`; `labels`, equal to `input_ids` except `IGNORE_INDEX` on the first token of each
+      document that follows another document in the same block (its "prediction" from the previous
+      document is noise); with `document_masking`, `position_ids` that restart at 0 at each document start
+      and at the start of each block, which Quill (and transformers' flash-attention path) read as document
+      boundaries when no `attention_mask` is given, so documents do not attend to each other.
+    * `packing=False`: one document per example, truncated to `block_size`, unpadded (`collate` pads).
+
+    `num_proc` worker processes tokenize a map-style dataset (a stream is mapped lazily in the reading process).
+    Map-style input is written to (and on later runs read from) `cache_dir`, default
+    `<HF_DATASETS_CACHE>/pipeline/tokenized`, under a fingerprint of the input dataset, the tokenizer, these
+    settings and `preprocessing_version`. Streamed input is mapped lazily, uncached.
+
+    Raises `ValueError` for `block_size < 2`, a tokenizer without BOS/EOS, a dataset without `text`, and
+    when no block comes out (the corpus is shorter than one block: the message gives its token count).
+    """
+    _check_pack_arguments(dataset, tokenizer, block_size, packing, document_masking, num_proc)
+    packer = _Packer(tokenizer, block_size, packing, document_masking)
+    map_kwargs: dict[str, Any] = dict(
+        batched=True,
+        batch_size=_MAP_BATCH_SIZE,
+        with_indices=True,
+        remove_columns=["text"],
+        features=packer.features,
+    )
+    documents = dataset.select_columns(["text"])  # label columns would not survive packing anyway
+    if isinstance(dataset, IterableDataset):
+        examples = documents.map(packer, **map_kwargs)
+        if next(iter(examples.take(1)), None) is None:  # reads at most one block's worth of documents
+            _raise_no_examples(dataset, tokenizer, block_size, packing, num_proc=1)
+        return examples
+
+    fingerprint = _cache_fingerprint(dataset, tokenizer, block_size, packing, document_masking, preprocessing_version)
+    directory = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "pipeline" / "tokenized")
+    directory.mkdir(parents=True, exist_ok=True)
+    examples = documents.map(
+        packer,
+        **map_kwargs,
+        num_proc=num_proc if num_proc > 1 else None,  # num_proc=1 would still start a worker pool
+        new_fingerprint=fingerprint,
+        cache_file_name=str(directory / f"tokenized-{fingerprint}.arrow"),
+        desc="Packing" if packing else "Tokenizing",
+    )
+    if len(examples) == 0:
+        _raise_no_examples(dataset, tokenizer, block_size, packing, num_proc)
+    return examples
+
+
+def _check_pack_arguments(
+    dataset: Dataset | IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    packing: bool,
+    document_masking: bool,
+    num_proc: int,
+) -> None:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an integer >= 2 (a token and the token it predicts), got {block_size!r}")
+    if document_masking and not packing:
+        raise ValueError("document_masking=True needs packing=True: an unpacked example holds a single document")
+    _check_positive_int("num_proc", num_proc)
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer needs bos_token and eos_token (documents become [bos] + tokens + [eos])")
+    if dataset.column_names is not None and "text" not in dataset.column_names:
+        raise ValueError(f"the dataset has no 'text' column (its columns: {dataset.column_names}); use load_corpus")
+
+
+def _cache_fingerprint(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    packing: bool,
+    document_masking: bool,
+    preprocessing_version: str,
+) -> str:
+    """Everything that decides the examples, hashed: the input rows (their `datasets` fingerprint, which
+    follows content for in-memory data and file timestamps for files), the tokenizer and the settings."""
+    payload = json.dumps(
+        {
+            "dataset": dataset._fingerprint,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "block_size": block_size,
+            "packing": packing,
+            "document_masking": document_masking,
+            "preprocessing_version": preprocessing_version,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+class _Packer:
+    """The batched `map` function: texts -> [bos] + ids + [eos] -> examples.
+
+    When packing, the tokens left over after the last full block of a batch are carried into the next batch,
+    so the blocks are the corpus's token stream cut every `block_size` tokens, whatever the map batch size,
+    and only the final tail is dropped (per worker with num_proc > 1). `datasets` calls the function on
+    consecutive batches in order within a worker; a batch whose first index does not follow the previous
+    batch (a new worker, a new pass over a stream) starts afresh.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, block_size: int, packing: bool, document_masking: bool):
+        self.tokenizer = tokenizer
+        self.block_size = block_size
+        self.packing = packing
+        self.document_masking = document_masking
+        self.bos, self.eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self._reset(next_index=0)
+
+    @property
+    def features(self) -> datasets.Features:
+        ids = datasets.Sequence(datasets.Value("int32"))
+        columns = ["input_ids", "labels"] + (["position_ids"] if self.document_masking else [])
+        return datasets.Features({column: ids for column in columns})
+
+    def _reset(self, next_index: int) -> None:
+        self._next_index = next_index
+        self._carry_ids = np.empty(0, dtype=np.int32)
+        self._carry_starts = np.empty(0, dtype=bool)  # True where a document starts
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, Any]:
+        if indices and indices[0] != self._next_index:
+            self._reset(indices[0])
+        self._next_index += len(indices)
+        documents = self.encode(batch["text"])
+        return self._pack(documents) if self.packing else self._truncate(documents)
+
+    def encode(self, texts: list[str | None]) -> list[list[int]]:
+        texts = [text for text in texts if text]
+        if not texts:
+            return []
+        # verbose=False: documents longer than model_max_length are expected here; packing cuts them.
+        encoded = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        return [[self.bos, *ids, self.eos] for ids in encoded["input_ids"]]
+
+    def _truncate(self, documents: list[list[int]]) -> dict[str, list[list[int]]]:
+        input_ids = [ids[: self.block_size] for ids in documents]
+        return {"input_ids": input_ids, "labels": input_ids}
+
+    def _pack(self, documents: list[list[int]]) -> dict[str, list[list[int]]]:
+        lengths = np.fromiter((len(ids) for ids in documents), dtype=np.int64, count=len(documents))
+        new_ids = np.fromiter(itertools.chain.from_iterable(documents), dtype=np.int32, count=int(lengths.sum()))
+        new_starts = np.zeros(len(new_ids), dtype=bool)
+        new_starts[np.cumsum(lengths) - lengths] = True
+        ids = np.concatenate([self._carry_ids, new_ids])
+        starts = np.concatenate([self._carry_starts, new_starts])
+
+        n_blocks = len(ids) // self.block_size
+        cut = n_blocks * self.block_size
+        self._carry_ids, self._carry_starts = ids[cut:], starts[cut:]
+        input_ids = ids[:cut].reshape(n_blocks, self.block_size)  # (N, T)
+        starts = starts[:cut].reshape(n_blocks, self.block_size)  # (N, T)
+
+        follows_document = starts.copy()
+        follows_document[:, 0] = False  # a block's first token has no preceding document in its block
+        labels = np.where(follows_document, IGNORE_INDEX, input_ids)
+        examples = {"input_ids": input_ids, "labels": labels}
+        if self.document_masking:
+            column = np.arange(self.block_size)
+            last_start = np.maximum.accumulate(np.where(starts, column, 0), axis=1)  # block start counts as one
+            examples["position_ids"] = column - last_start
+        # Lists, not arrays: a streamed map yields the function's output as is, and should match map-style rows.
+        return {name: rows.tolist() for name, rows in examples.items()}
+
+
+def _raise_no_examples(
+    dataset: Dataset | IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    packing: bool,
+    num_proc: int,
+) -> None:
+    if not packing:
+        raise ValueError("tokenization produced no example: every document is empty; check the text column")
+    # Only reached for corpora shorter than a block (per worker), so counting their tokens is cheap.
+    encode = _Packer(tokenizer, block_size, packing=True, document_masking=False).encode
+    n_tokens = sum(len(ids) for batch in dataset.iter(batch_size=_MAP_BATCH_SIZE) for ids in encode(batch["text"]))
+    per_worker = f" ({num_proc} workers pack separately: ~{n_tokens // num_proc} tokens each)" if num_proc > 1 else ""
+    raise ValueError(
+        f"packing produced no block: the corpus has {n_tokens} tokens (with BOS/EOS){per_worker}, fewer than "
+        f"block_size={block_size}. Use a smaller block_size (at most {max(2, n_tokens // num_proc)}) or more data."
+    )
+
+
+# --------------------------------------------------------------------------------- batches, metrics
+
+
+def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Stack examples into LongTensors: `input_ids`, `labels` (copied from `input_ids` when absent) and
+    `position_ids` when the examples have them.
+
+    Examples of different lengths (unpacked documents) are right-padded: `pad_token_id` in `input_ids`,
+    `IGNORE_INDEX` in `labels`, and an `attention_mask` of 1 (token) / 0 (padding) is added. Equal-length
+    examples (packed blocks) get no `attention_mask`: it would be all ones, and its absence lets the model
+    use the fused causal kernel and read restarting `position_ids` as document boundaries.
+    """
+    if not examples:
+        raise ValueError("collate got no examples")
+    if pad_token_id is None:
+        raise ValueError("collate needs a pad_token_id (the tokenizer's pad_token_id); it must differ from eos")
+
+    def tensors(column: str) -> list[torch.Tensor]:
+        return [torch.as_tensor(ex[column] if column in ex else ex["input_ids"], dtype=torch.long) for ex in examples]
+
+    input_ids = tensors("input_ids")
+    columns = {"input_ids": (input_ids, pad_token_id), "labels": (tensors("labels"), IGNORE_INDEX)}  # (rows, pad)
+    if "position_ids" in examples[0]:
+        columns["position_ids"] = (tensors("position_ids"), 0)
+
+    lengths = torch.tensor([len(ids) for ids in input_ids])
+    if bool((lengths == lengths[0]).all()):
+        return {name: torch.stack(rows) for name, (rows, _) in columns.items()}
+    batch = {
+        name: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=value)  # pads on the right
+        for name, (rows, value) in columns.items()
+    }
+    batch["attention_mask"] = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
+    return batch
+
+
+def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """(len(tokenizer),) LongTensor: how many UTF-8 bytes of text each token id stands for; 0 for special tokens.
+
+    For bits per byte, bpb = Σ NLL of target tokens (nats) / (ln 2 · Σ byte lengths of those tokens), which
+    is comparable across tokenizers. Exact for byte-level BPE, where every character of a vocabulary entry
+    stands for one byte: the bytes of a text's tokens sum to `len(text.encode("utf-8"))`.
+    """
+    backend = tokenizer.backend_tokenizer
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    if decoder.get("type") != "ByteLevel":
+        raise ValueError(
+            f"token_byte_lengths needs a byte-level BPE tokenizer (decoder 'ByteLevel'), got {decoder.get('type')!r}"
+        )
+    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
+    for token, index in backend.get_vocab(with_added_tokens=False).items():
+        lengths[index] = len(token)
+    for index, added in tokenizer.added_tokens_decoder.items():  # matched on raw text, not byte symbols
+        lengths[index] = 0 if added.special else len(added.content.encode("utf-8"))
+    return lengths
+
+
+def shard_for_rank(dataset: IterableDataset, rank: int, world_size: int) -> IterableDataset:
+    """This rank's share of a streamed dataset; the shares are disjoint and together hold every example.
+
+    `datasets.distributed.split_dataset_by_node`: when `dataset.num_shards` is a multiple of `world_size`
+    each rank reads only its own shards (which may hold different numbers of examples, so ranks can run
+    out at different steps); otherwise every rank reads, and tokenizes, the whole stream and keeps one
+    example in `world_size`. Shard the documents before `tokenize_and_pack` so each rank packs its own.
+    """
+    _check_positive_int("world_size", world_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)
