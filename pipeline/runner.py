@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.recipe import Recipe, TrainSection, dump_recipe, section_hash
+from pipeline.training import seed_everything
 
 STAGES = ("tokenizer", "pretrain", "finetune", "evaluate", "hub")
 
@@ -97,6 +98,7 @@ def run_recipe(
             _claim_folder(folder, digest, log)
         accelerator.wait_for_everyone()
         log(f"[{stage}] running → {folder}")
+        seed_everything(recipe.seed)  # each stage starts from the recipe's seed, whatever ran before it
         start = time.perf_counter()
         _STAGE_FUNCTIONS[stage]()(recipe, accelerator)
         accelerator.wait_for_everyone()

@@ -1,0 +1,142 @@
+"""Tokenizer + pretraining stages through the runner: loss goes down, artefacts load, reruns are skipped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.recipe import recipe_from_dict
+from pipeline.runner import run_recipe
+
+
+def tiny_recipe(output_dir: Path, **sections) -> dict:
+    recipe = {
+        "output_dir": str(output_dir),
+        "seed": 0,
+        "tokenizer": {"vocab_size": 400},
+        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 64},
+        "data": {"sources": [{"name": "shakespeare", "max_documents": 30}], "block_size": 32, "validation_fraction": 0.1},
+        "pretrain": {"max_steps": 30, "batch_size": 8, "learning_rate": 5e-3, "warmup_steps": 3, "log_every": 5,
+                     "eval_every": 15, "save_every": 15, "eval_batches": None},
+        "finetune": {"enabled": False},
+        "evaluate": {"enabled": False},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> tuple[Path, list]:
+    out = tmp_path_factory.mktemp("pretrain-run")
+    outcomes = run_recipe(recipe_from_dict(tiny_recipe(out)), log=lambda _: None)
+    return out, outcomes
+
+
+def test_pretraining_lowers_the_loss_and_evaluates_on_held_out_blocks(pretrained) -> None:
+    out, outcomes = pretrained
+    assert [(o.stage, o.status) for o in outcomes][:2] == [("tokenizer", "ran"), ("pretrain", "ran")]
+    records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert train_losses[-1] < train_losses[0] - 0.5
+    assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[-1]["eval_perplexity"] == pytest.approx(torch.tensor(evals[-1]["eval_loss"]).exp().item(), rel=1e-6)
+    assert 0 < evals[-1]["eval_bits_per_byte"] < 8
+    # the validation metrics cover exactly the held-out blocks: no training block is evaluated
+    from pipeline.data import load_corpus, tokenize_and_pack
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "pretrain")
+    _, validation = load_corpus([{"name": "shakespeare", "max_documents": 30}], seed=0, validation_fraction=0.1)
+    blocks = tokenize_and_pack(validation, tokenizer, block_size=32)
+    targets = sum(sum(1 for t in row[1:] if t != -100) for row in blocks["labels"])
+    assert evals[-1]["eval_tokens"] == targets
+    assert (out / "pretrain" / "loss_curve.png").stat().st_size > 1000
+
+
+def test_the_final_model_and_tokenizer_load_with_the_auto_classes(pretrained) -> None:
+    out, _ = pretrained
+    model = AutoModelForCausalLM.from_pretrained(out / "pretrain").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "pretrain")
+    assert model.config.vocab_size == len(tokenizer) <= 400
+    assert model.config.pad_token_id == tokenizer.pad_token_id != tokenizer.eos_token_id
+    # the saved final weights are the last checkpoint's weights
+    checkpoint = load_file(out / "pretrain" / "checkpoints" / "checkpoint-00000030" / "model.safetensors")
+    torch.testing.assert_close(model.model.embed_tokens.weight, checkpoint["model.embed_tokens.weight"], rtol=0, atol=0)
+    fertility = json.loads((out / "tokenizer" / "fertility.json").read_text())
+    assert fertility["tokens_per_word"] > 1 and fertility["bytes_per_token"] > 1
+
+
+def test_a_rerun_with_the_same_recipe_skips_and_a_changed_one_reruns(pretrained, tmp_path: Path) -> None:
+    out, _ = pretrained
+    weights = (out / "pretrain" / "model.safetensors").read_bytes()
+    again = run_recipe(recipe_from_dict(tiny_recipe(out)), log=lambda _: None)
+    assert [o.status for o in again][:2] == ["skipped (up to date)"] * 2
+    assert (out / "pretrain" / "model.safetensors").read_bytes() == weights
+    # logging cadence does not change the artefact: still up to date
+    cadence = tiny_recipe(out, pretrain={"log_every": 1})
+    assert [o.status for o in run_recipe(recipe_from_dict(cadence), log=lambda _: None)][1] == "skipped (up to date)"
+
+
+def test_a_changed_recipe_reruns_the_stage_and_keeps_the_old_artefact(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    small = tiny_recipe(out, pretrain={"max_steps": 4, "save_every": 4, "eval_every": 4})
+    run_recipe(recipe_from_dict(small), log=lambda _: None)
+    old_weights = (out / "pretrain" / "model.safetensors").read_bytes()
+    changed = tiny_recipe(out, pretrain={"max_steps": 4, "save_every": 4, "eval_every": 4, "learning_rate": 1e-3})
+    outcomes = run_recipe(recipe_from_dict(changed), log=lambda _: None)
+    assert [o.status for o in outcomes][:2] == ["skipped (up to date)", "ran"]
+    moved = list(out.glob("pretrain.replaced-*"))
+    assert len(moved) == 1 and (moved[0] / "model.safetensors").read_bytes() == old_weights
+    assert (out / "pretrain" / "model.safetensors").read_bytes() != old_weights
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    settings = {"max_steps": 8, "save_every": 4, "eval_every": 100, "log_every": 1}
+    uninterrupted = tmp_path / "uninterrupted"
+    run_recipe(recipe_from_dict(tiny_recipe(uninterrupted, pretrain=settings)), log=lambda _: None)
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, pretrain=settings)
+    run_recipe(recipe_from_dict(recipe), log=lambda _: None)
+    # as if the process died right after the step-4 checkpoint: stage incomplete, later work gone
+    marker = out / "pretrain" / "stage.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "complete": False}))
+    shutil.rmtree(out / "pretrain" / "checkpoints" / "checkpoint-00000008")
+    (out / "pretrain" / "model.safetensors").unlink()
+    messages: list[str] = []
+    outcomes = run_recipe(recipe_from_dict(recipe), log=messages.append)
+    assert outcomes[1].status == "ran" and not any("moved" in m for m in messages)  # resumed in place
+    logged = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (uninterrupted / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))  # steps 5-8 logged once, not twice
+    assert [r.get("loss") for r in logged] == [r.get("loss") for r in expected]
+    resumed = load_file(out / "pretrain" / "model.safetensors")
+    reference = load_file(uninterrupted / "pretrain" / "model.safetensors")
+    assert resumed.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_missing_text_column_stops_before_any_training(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, data={"sources": [{"name": "shakespeare", "text_column": "speech"}]})
+    with pytest.raises(ValueError, match="speech"):
+        run_recipe(recipe_from_dict(recipe), log=lambda _: None)
+    assert not (out / "pretrain").exists() and not (out / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_a_corpus_too_small_for_one_block_stops_before_any_training(tmp_path: Path) -> None:
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(20)))
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, tokenizer={"vocab_size": 300, "min_frequency": 1},
+                         data={"sources": [{"name": str(corpus)}], "block_size": 64, "validation_fraction": 0.5})
+    with pytest.raises(ValueError, match="block_size"):
+        run_recipe(recipe_from_dict(recipe), log=lambda _: None)
+    assert not (out / "pretrain" / "checkpoints").exists() and not (out / "pretrain" / "metrics.jsonl").exists()
