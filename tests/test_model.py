@@ -423,3 +423,20 @@ def test_token_classification_loss_ignores_minus_100() -> None:
     out = model(ids, labels=labels)
     assert out.logits.shape == (2, 6, 5)
     torch.testing.assert_close(out.loss, F.cross_entropy(out.logits[:, 1:].reshape(-1, 5), labels[:, 1:].reshape(-1)))
+
+
+def test_quill_with_rope_and_swiglu_computes_exactly_what_llama_computes() -> None:
+    """Same parameter names, same maths: Llama's weights load into Quill unchanged and give the same logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    quill = tiny_lm()
+    common = {k: getattr(quill.config, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_theta", "tie_word_embeddings")}
+    llama = LlamaForCausalLM(LlamaConfig(**common)).eval()
+    llama.load_state_dict(quill.state_dict())
+    ids, mask = _padded_batch()
+    torch.testing.assert_close(quill(ids).logits, llama(ids).logits, rtol=1e-5, atol=1e-5)
+    keep = mask.bool()
+    torch.testing.assert_close(quill(ids, attention_mask=mask).logits[keep], llama(ids, attention_mask=mask).logits[keep],
+                               rtol=1e-5, atol=1e-5)
