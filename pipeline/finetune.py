@@ -1,0 +1,548 @@
+"""Fine-tuning stage: LoRA (PEFT) on a base model with the shared training loop → a PEFT adapter (+ a merged model).
+
+    finetune.base or output_dir/pretrain ──load_base──► fp32 model ──get_peft_model──► LoRA model ──┐
+    finetune.data ──load_corpus──► rows ──examples or packed blocks──► DataLoader ───────────────────┴──► train()
+    train() ──save_adapter──► finetune/adapter/ ──merge_adapter (finetune.merge)──► finetune/merged/
+
+Tasks (``finetune.task``):
+
+* ``causal_lm``: domain text, tokenized and packed exactly like pretraining (`pretrain.block_loaders`). The
+  validation loss, perplexity and bits per byte are logged by the loop.
+* ``instruction``: prompt → response pairs. ``finetune.label_column`` names the **response** column and
+  ``finetune.prompt_template`` is a Python format string over the row's columns; the prompt's tokens get label
+  -100, so only the response and its EOS are trained. With no template, the tokenizer's chat template renders
+  the row's ``text`` as the user turn and the response as the assistant turn (the template must mark replies
+  with ``{% generation %}``, as ours does). For ICD-10-CM, code → title::
+
+      finetune: {task: instruction, prompt_template: "ICD-10-CM code {code} means: ", label_column: title,
+                 data: {sources: [{name: icd10cm}]}}
+
+  End the template with the separator you want before the response (a space or a newline): prompt and
+  response are encoded separately, as they are at generation time, and simply concatenated.
+* ``classification``: `AutoModelForSequenceClassification` on ``text`` with the integer (or `ClassLabel`)
+  labels of ``finetune.label_column`` (icd10cm: ``chapter_id``); ``num_labels`` from the recipe, else from the
+  data. PEFT trains the new head in full (``modules_to_save``, which it fills with ``score``/``classifier``
+  for this task type) and saves it with the adapter. Accuracy is measured by the evaluation stage.
+
+Instruction and classification examples are at most ``finetune.data.block_size`` tokens, one example per row,
+right-padded per batch (`data.collate`). Outputs in ``output_dir/finetune/``: the loop's ``metrics.jsonl``,
+``checkpoints/`` and ``loss_curve.png``; ``adapter/`` (PEFT adapter + tokenizer, loads with
+``PeftModel.from_pretrained(base, dir)`` or ``AutoPeftModelForCausalLM.from_pretrained(dir)``); and with
+``finetune.merge``, ``merged/``: the adapter merged into the base in float32, a plain ``from_pretrained`` folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow.compute as pc
+import torch
+from accelerate import Accelerator
+from datasets import ClassLabel, Dataset
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch.utils.data import DataLoader
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.data import IGNORE_INDEX, collate, load_corpus, token_byte_lengths
+from pipeline.pretrain import block_loaders
+from pipeline.recipe import LoraSection, Recipe
+from pipeline.sources import SourceSpec
+from pipeline.tokenizer import tokenizer_fingerprint
+from pipeline.training import TrainResult, seed_everything, train
+
+__all__ = [
+    "base_location",
+    "classification_examples",
+    "instruction_examples",
+    "load_base",
+    "load_tokenizer",
+    "lora_config",
+    "merge_adapter",
+    "run_finetune",
+]
+
+PREPROCESSING_VERSION = "1"
+"""Part of the cache fingerprint of instruction/classification examples: bump it when their encoding changes."""
+
+TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "instruction": TaskType.CAUSAL_LM, "classification": TaskType.SEQ_CLS}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def run_finetune(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
+    """The fine-tuning stage of a recipe: LoRA on the base, trained with ``recipe.finetune.train``.
+
+    Writes ``output_dir/finetune/{metrics.jsonl, checkpoints/, loss_curve.png, adapter/}`` and, with
+    ``finetune.merge``, ``merged/``. Returns the loop's `TrainResult`; its model is the prepared PEFT model
+    (for classification wrapped in `_WindowNormalizedLoss`, whose ``.model`` is the PEFT model).
+    """
+    section, cfg = recipe.finetune, recipe.finetune.train
+    if section.data is None:
+        raise ValueError("finetune.data is not set: build the recipe with load_recipe or recipe_from_dict")
+    folder = recipe.output_dir / "finetune"
+    base = base_location(recipe)  # fails here, before any compute, when the base is missing
+    tokenizer = load_tokenizer(base, recipe.output_dir)
+    seed_everything(recipe.seed)  # the head and LoRA init depend on the recipe, not on what ran before
+
+    # Raw rows are cheap to load; classification needs them to size its head before the model is built.
+    documents = None if section.task == "causal_lm" else _load_documents(recipe, accelerator)
+    labels = None
+    if section.task == "classification":
+        labels = _label_space(documents, section.label_column, section.num_labels)
+    peft_config = lora_config(section.lora, section.task)
+    base_model = _setup_base(base, section.task, labels, tokenizer)
+    check_lora_targets(base_model, peft_config)  # before any tokenization: a typo fails in seconds
+    model = get_peft_model(base_model, peft_config)
+
+    if section.task == "causal_lm":
+        train_loader, eval_loader = block_loaders(
+            section.data, tokenizer, batch_size=cfg.batch_size, seed=recipe.seed, accelerator=accelerator
+        )
+    else:
+        train_loader, eval_loader = _example_loaders(recipe, tokenizer, documents, accelerator)
+    byte_lengths = _byte_lengths(tokenizer)
+    if section.task == "classification":
+        # `train` evaluates causal-LM labels only; the evaluation stage measures accuracy.
+        eval_loader, byte_lengths, model = None, None, _WindowNormalizedLoss(model)
+
+    result = train(model, train_loader, eval_loader, cfg, folder, accelerator, byte_lengths=byte_lengths,
+                   run_name="finetune")
+    save_adapter(accelerator, result.model, tokenizer, folder / "adapter")
+    if section.merge:
+        if accelerator.is_main_process:
+            merge_adapter(folder / "adapter", _setup_base(base, section.task, labels, tokenizer), folder / "merged")
+        accelerator.wait_for_everyone()
+    return result
+
+
+def _setup_base(base: str, task: str, labels: tuple[int, dict[int, str] | None] | None,
+                tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """`load_base`, with the class names in the config when the label column is a `ClassLabel`."""
+    num_labels, id2label = labels or (None, None)
+    model = load_base(base, task, num_labels, tokenizer)
+    if id2label is not None:
+        model.config.id2label, model.config.label2id = id2label, {name: i for i, name in id2label.items()}
+    return model
+
+
+def base_location(recipe: Recipe) -> str:
+    """The model to adapt: ``finetune.base`` (a local folder or a Hub id), else ``output_dir/pretrain``.
+
+    Raises `FileNotFoundError` when it names a local folder that does not exist or holds no ``config.json``."""
+    base = recipe.finetune.base
+    if base is None:
+        folder = recipe.output_dir / "pretrain"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"the fine-tuning base {folder} does not exist (or holds no config.json): the pretrain stage has not "
+                "run. Fix: run pretraining first (pretrain.enabled: true), or set finetune.base to a model folder or "
+                "Hub id."
+            )
+        return str(folder)
+    path = Path(base).expanduser()
+    if _looks_local(base) and not (path / "config.json").is_file():
+        what = "holds no config.json" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"finetune.base {base!r} {what}. Fix: point it at a save_pretrained model folder or a Hub id 'owner/name'."
+        )
+    return base
+
+
+def load_tokenizer(base: str | Path, output_dir: Path) -> PreTrainedTokenizerBase:
+    """The base's own tokenizer (its folder, or its Hub repo), else the tokenizer stage's ``output_dir/tokenizer``."""
+    local = Path(base).expanduser()
+    if not local.is_dir():  # a Hub id: its repository ships its tokenizer
+        source: str | Path = base
+    elif any((local / name).is_file() for name in _TOKENIZER_FILES):
+        source = local
+    elif (output_dir / "tokenizer").is_dir():
+        source = output_dir / "tokenizer"
+    else:
+        raise FileNotFoundError(
+            f"no tokenizer in the base {local} nor in {output_dir / 'tokenizer'}. Fix: run the tokenizer stage, or "
+            "save the tokenizer into the base folder (tokenizer.save_pretrained)."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        # `collate` masks padding by position (labels -100, attention_mask 0), never by id, so sharing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ------------------------------------------------------------------------------------------ model and adapter
+
+
+def lora_config(section: LoraSection, task: str) -> LoraConfig:
+    """The recipe's adapter as a PEFT `LoraConfig` for ``task`` (``causal_lm``, ``instruction`` or ``classification``).
+
+    ``target_modules: [all-linear]`` becomes PEFT's ``"all-linear"`` (every linear layer but the output head)."""
+    if task not in TASK_TYPES:
+        raise ValueError(f"unknown fine-tuning task {task!r}; expected one of {sorted(TASK_TYPES)}")
+    targets: list[str] | str = list(section.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=targets,
+        use_rslora=section.use_rslora,
+        use_dora=section.use_dora,
+        # For SEQ_CLS, PEFT appends the head ("classifier", "score") to this list itself.
+        modules_to_save=list(section.modules_to_save) if section.modules_to_save else None,
+        task_type=TASK_TYPES[task],
+    )
+
+
+def load_base(
+    base: str | Path, task: str, num_labels: int | None, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel:
+    """The base model in float32 (trainable weights must be fp32; mixed precision autocasts the compute):
+    `AutoModelForCausalLM`, or `AutoModelForSequenceClassification` with a fresh ``num_labels`` head and the
+    tokenizer's ``pad_token_id`` in its config (heads find each row's last token through it)."""
+    if task == "classification":
+        if num_labels is None or num_labels < 2:
+            raise ValueError(f"classification needs num_labels >= 2, got {num_labels!r}")
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base, dtype=torch.float32, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id
+        )
+    elif task in TASK_TYPES:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    else:
+        raise ValueError(f"unknown fine-tuning task {task!r}; expected one of {sorted(TASK_TYPES)}")
+    embedded = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > embedded:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the base {base} embeds only {embedded}: use the base's own "
+            "tokenizer (save it into the base folder)"
+        )
+    return model
+
+
+def check_lora_targets(model: torch.nn.Module, config: LoraConfig) -> None:
+    """Every name in ``target_modules`` and ``modules_to_save`` must match a module (as PEFT matches: the full name
+    or its last components). PEFT stays silent about a typo among valid names and is cryptic when none match."""
+    names = [name for name, _ in model.named_modules() if name]
+    wanted = {"target_modules": config.target_modules, "modules_to_save": config.modules_to_save}
+    for key, targets in wanted.items():
+        if targets is None or isinstance(targets, str):  # "all-linear" or a regex: PEFT resolves those
+            continue
+        missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+        if missing:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+            raise ValueError(
+                f"finetune.lora.{key} {missing} match no module of {type(model).__name__}. Its linear layers are "
+                f"named {linear}. Fix: pick from those (or use [all-linear] for target_modules)."
+            )
+
+
+class _WindowNormalizedLoss(torch.nn.Module):
+    """Turns a classification head's per-micro-batch mean loss into Σ loss / ``num_items_in_batch``, the loop's
+    contract: a mean per micro-batch would weigh gradient accumulation and ranks wrongly (×window×ranks).
+    Transformers' causal LMs honour ``num_items_in_batch`` themselves; sequence-classification heads do not."""
+
+    def __init__(self, model: PeftModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, labels: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | int | None = None,
+                **inputs: Any) -> Any:
+        outputs = self.model(labels=labels, **inputs)
+        if labels is not None and num_items_in_batch is not None:
+            outputs.loss = outputs.loss * labels.shape[0] / num_items_in_batch
+        return outputs
+
+    def __getattr__(self, name: str) -> Any:  # gradient checkpointing, config, ... reach the wrapped model
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
+def save_adapter(
+    accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path
+) -> None:
+    """Save the trained adapter (and any ``modules_to_save``) as a PEFT folder with the tokenizer. The state dict is
+    gathered from FSDP/DeepSpeed shards, a collective every rank joins; only the main process writes."""
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    if isinstance(unwrapped, _WindowNormalizedLoss):
+        unwrapped = unwrapped.model
+        state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    accelerator.wait_for_everyone()
+
+
+def merge_adapter(
+    adapter_dir: Path, base: str | Path | PreTrainedModel, out_dir: Path, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Merge the adapter in ``adapter_dir`` into ``base`` IN FLOAT32, cast to ``dtype``, and ``save_pretrained`` it
+    (with the adapter's tokenizer) to ``out_dir``. Merging in bf16 would be off by ~1e-2; fp32 by ~1e-6.
+
+    ``base``: a loaded model (cast to float32 here) or, for a causal-LM adapter, a folder or Hub id. A
+    classification base must be passed loaded, as `load_base` builds it (the adapter config lacks its head size)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    if isinstance(base, (str, Path)):
+        task_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+        if task_type != TaskType.CAUSAL_LM:
+            raise ValueError(f"the adapter's task is {task_type}: pass the base as a loaded model (see load_base)")
+        base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base.float(), adapter_dir).merge_and_unload()
+    merged.to(dtype).save_pretrained(out_dir, safe_serialization=True)
+    if any((adapter_dir / name).is_file() for name in _TOKENIZER_FILES):
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------ examples
+
+
+def instruction_examples(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    prompt_template: str | None,
+    response_column: str,
+    max_length: int,
+) -> Dataset:
+    """Prompt → response rows as ``input_ids`` and ``labels`` (-100 on the prompt, response + EOS trained).
+
+    ``prompt_template`` is a format string over the row's columns (``"ICD-10-CM code {code} means: "``); the
+    example is ``[bos] + prompt + response + [eos]``, exactly one BOS. With None, the tokenizer's chat template
+    renders ``text`` as the user turn and the response as the assistant turn, and its ``{% generation %}``
+    mask picks the trained tokens. Examples are cut to ``max_length`` tokens; those left without any response
+    token are dropped. A `ClassLabel` response column gives its names. Cached like the pretraining blocks.
+    """
+    _check_columns(dataset, [response_column] + (["text"] if prompt_template is None else []), "finetune.label_column")
+    if prompt_template is None:
+        _check_chat_template(tokenizer)
+    else:
+        _check_template(prompt_template, dataset.column_names)
+    feature = dataset.features[response_column]
+    encode = partial(
+        _encode_instruction, tokenizer=tokenizer, template=prompt_template, response_column=response_column,
+        max_length=max_length, names=feature.names if isinstance(feature, ClassLabel) else None,
+    )
+    settings = {"task": "instruction", "template": prompt_template, "response_column": response_column,
+                "max_length": max_length}
+    examples = _cached_map(dataset, encode, tokenizer, settings, with_labels=datasets.Sequence(datasets.Value("int32")))
+    if len(examples) == 0:
+        raise ValueError(
+            f"no instruction example keeps a response token within max_length={max_length}: the prompts are too long. "
+            "Fix: raise finetune.data.block_size or shorten the prompt template."
+        )
+    return examples
+
+
+def classification_examples(
+    dataset: Dataset, tokenizer: PreTrainedTokenizerBase, *, label_column: str, max_length: int
+) -> Dataset:
+    """``text`` → ``input_ids`` (the tokenizer's own special tokens, cut to ``max_length``) and the integer class
+    in ``labels``, one per example. Cached like the pretraining blocks."""
+    _check_columns(dataset, ["text", label_column], "finetune.label_column")
+    _label_range(dataset, label_column)
+    encode = partial(_encode_classification, tokenizer=tokenizer, label_column=label_column, max_length=max_length)
+    settings = {"task": "classification", "label_column": label_column, "max_length": max_length}
+    return _cached_map(dataset, encode, tokenizer, settings, with_labels=datasets.Value("int64"))
+
+
+def _encode_instruction(
+    batch: dict[str, list], *, tokenizer: PreTrainedTokenizerBase, template: str | None, response_column: str,
+    max_length: int, names: list[str] | None,
+) -> dict[str, list[list[int]]]:
+    responses = [names[r] if names is not None else str(r) for r in batch[response_column]]
+    if template is None:
+        conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": response}]
+                         for text, response in zip(batch["text"], responses)]
+        # The template writes the BOS itself, and tokenize=True encodes without adding another.
+        chats = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
+                                              return_assistant_tokens_mask=True)
+        pairs = [(ids, [t if keep else IGNORE_INDEX for t, keep in zip(ids, mask)])
+                 for ids, mask in zip(chats["input_ids"], chats["assistant_masks"])]
+    else:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        prompts = tokenizer([template.format(**row) for row in rows], add_special_tokens=False)["input_ids"]
+        answers = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+        pairs = []
+        for prompt, answer in zip(prompts, answers):
+            target = [*answer, tokenizer.eos_token_id]
+            pairs.append((bos + prompt + target, [IGNORE_INDEX] * (len(bos) + len(prompt)) + target))
+    kept = [(ids[:max_length], labels[:max_length]) for ids, labels in pairs]
+    # Labels are shifted in the loss: position 0 is never a target, so an example needs one at position >= 1.
+    kept = [(ids, labels) for ids, labels in kept if any(label != IGNORE_INDEX for label in labels[1:])]
+    return {"input_ids": [ids for ids, _ in kept], "labels": [labels for _, labels in kept]}
+
+
+def _encode_classification(
+    batch: dict[str, list], *, tokenizer: PreTrainedTokenizerBase, label_column: str, max_length: int
+) -> dict[str, list]:
+    encoded = tokenizer(batch["text"], truncation=True, max_length=max_length, return_attention_mask=False)
+    return {"input_ids": encoded["input_ids"], "labels": batch[label_column]}
+
+
+def _cached_map(dataset: Dataset, function: Any, tokenizer: PreTrainedTokenizerBase, settings: dict[str, Any],
+                with_labels: Any) -> Dataset:
+    """A batched `map` to ``input_ids`` + ``labels`` whose cache file is named after everything that decides its
+    output (`datasets` does not hash the body of an imported function), written even for in-memory data."""
+    payload = {"dataset": dataset._fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer),
+               "version": PREPROCESSING_VERSION, **settings}
+    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    directory = Path(datasets.config.HF_DATASETS_CACHE) / "pipeline" / "finetune"
+    directory.mkdir(parents=True, exist_ok=True)
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": with_labels})
+    return dataset.map(
+        function, batched=True, remove_columns=dataset.column_names, features=features, new_fingerprint=fingerprint,
+        cache_file_name=str(directory / f"{settings['task']}-{fingerprint}.arrow"), desc=f"Encoding {settings['task']}",
+    )
+
+
+# ------------------------------------------------------------------------------------------ data helpers
+
+
+def _load_documents(recipe: Recipe, accelerator: Accelerator) -> tuple[Dataset, Dataset]:
+    data = recipe.finetune.data
+    if data.streaming:
+        raise ValueError(
+            f"task {recipe.finetune.task!r} reads its examples in memory. Fix: set finetune.data.streaming: false "
+            "(streaming is for task causal_lm)."
+        )
+    with accelerator.main_process_first():
+        return load_corpus([SourceSpec(**vars(source)) for source in data.sources], seed=recipe.seed,
+                           validation_fraction=data.validation_fraction, max_documents=data.max_documents)
+
+
+def _example_loaders(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, documents: tuple[Dataset, Dataset],
+                     accelerator: Accelerator) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders of instruction or classification examples (right-padded per batch)."""
+    section, batch_size = recipe.finetune, recipe.finetune.train.batch_size
+    if section.task == "instruction":
+        encode = partial(instruction_examples, tokenizer=tokenizer, prompt_template=section.prompt_template,
+                         response_column=section.label_column, max_length=section.data.block_size)
+        collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    else:
+        encode = partial(classification_examples, tokenizer=tokenizer, label_column=section.label_column,
+                         max_length=section.data.block_size)
+        collate_fn = partial(_collate_classification, pad_token_id=tokenizer.pad_token_id)
+    with accelerator.main_process_first():  # the other ranks read the main process's cache files
+        train_examples, validation_examples = (encode(split) for split in documents)
+    train_loader = DataLoader(train_examples, batch_size=batch_size, shuffle=True, drop_last=True,
+                              collate_fn=collate_fn)
+    validation_loader = DataLoader(validation_examples, batch_size=batch_size, collate_fn=collate_fn)
+    return train_loader, validation_loader
+
+
+def _collate_classification(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`collate` pads the token ids; the labels are one class per example, (B,)."""
+    batch = collate([{"input_ids": example["input_ids"]} for example in examples], pad_token_id)
+    batch["labels"] = torch.tensor([example["labels"] for example in examples], dtype=torch.long)
+    return batch
+
+
+def _label_space(splits: tuple[Dataset, ...], column: str, num_labels: int | None) -> tuple[int, dict[int, str] | None]:
+    """(num_labels, id2label or None): the recipe's count, else a `ClassLabel`'s, else the largest label + 1."""
+    for split in splits:
+        _check_columns(split, ["text", column], "finetune.label_column")
+    feature = splits[0].features[column]
+    names = feature.names if isinstance(feature, ClassLabel) else None
+    bounds = [_label_range(split, column) for split in splits]
+    low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
+    count = num_labels or (len(names) if names else high + 1)
+    if low < 0 or high >= count:
+        raise ValueError(
+            f"labels in column {column!r} range over [{low}, {high}] but num_labels is {count}. Fix: labels must be "
+            "0 .. num_labels-1; raise finetune.num_labels or fix the data."
+        )
+    if count < 2:
+        raise ValueError(f"column {column!r} holds a single class (0): classification needs at least two")
+    return count, dict(enumerate(names)) if names and len(names) == count else None
+
+
+def _label_range(dataset: Dataset, column: str) -> tuple[int, int]:
+    """(min, max) of an integer label column; a clear error for strings, floats or missing labels."""
+    feature = dataset.features[column]
+    dtype = feature.dtype if isinstance(feature, datasets.Value) else ""
+    if not isinstance(feature, ClassLabel) and not dtype.startswith(("int", "uint")):
+        raise ValueError(
+            f"classification labels must be integer class ids, but column {column!r} is {feature}. Fix: store ids "
+            "0 .. num_labels-1 (or a datasets ClassLabel) in that column."
+        )
+    values = dataset.with_format("arrow")[column]
+    if values.null_count:
+        raise ValueError(f"column {column!r} has {values.null_count} rows without a label. Fix: drop or label them.")
+    bounds = pc.min_max(values)
+    return bounds["min"].as_py(), bounds["max"].as_py()
+
+
+def _check_columns(dataset: Dataset, columns: list[str], key: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"the fine-tuning data has no column {missing} (columns: {dataset.column_names}). Fix: set {key} (or the "
+            "source's text_column) to one of them."
+        )
+
+
+def _check_template(template: str, columns: list[str]) -> None:
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise ValueError(f"finetune.prompt_template {template!r} is not a valid format string: {error}") from None
+    unknown = [f for f in fields if not f or f.split(".")[0].split("[")[0] not in columns]
+    if unknown:
+        raise ValueError(
+            f"finetune.prompt_template uses fields {unknown} that are not columns of the data ({columns}). Fix: write "
+            "'{column}' with one of those columns (positional '{}' is not allowed); double braces for literal ones."
+        )
+
+
+def _check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    template = tokenizer.chat_template
+    if not isinstance(template, str) or not _GENERATION_BLOCK.search(template):
+        problem = "has no chat template" if not template else "has a chat template without {% generation %} blocks"
+        raise ValueError(
+            f"the tokenizer {problem}, so the prompt cannot be masked out of the loss. Fix: set "
+            "finetune.prompt_template (e.g. 'Question: {text}\\nAnswer: '), or use a chat template that wraps the "
+            "assistant's reply in {% generation %} ... {% endgeneration %}."
+        )
+
+
+def _byte_lengths(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor | None:
+    """Bytes per token for bits per byte; None for tokenizers that are not byte-level BPE (no exact byte count)."""
+    try:
+        return token_byte_lengths(tokenizer)
+    except ValueError:
+        return None
+
+
+def _looks_local(location: str) -> bool:
+    """A local path (it exists, starts like one, or is no valid Hub id) rather than a Hub id such as 'owner/name'."""
+    if Path(location).expanduser().exists() or location.startswith((".", "/", "~")):
+        return True
+    try:
+        validate_repo_id(location)
+    except HFValidationError:
+        return True
+    return False
