@@ -144,11 +144,15 @@ def _plan(recipe: Recipe) -> _Plan:
     base = _base_location(recipe)
     implied = {"instruction": "generation", "classification": "classification"}.get(finetune.task) if tuned else None
     tasks = list(dict.fromkeys([*section.tasks, *([implied] if implied else [])]))
-    if "generation" in tasks and finetune.task != "instruction":
+    # Generation scores prompt -> response rows: the instruction task's, or a causal LM's given a prompt_template
+    # (ICD-10-CM documents open with "CODE title", so a model tuned on them answers "{code} " with the title).
+    prompted_lm = finetune.task == "causal_lm" and finetune.prompt_template is not None
+    if "generation" in tasks and finetune.task != "instruction" and not prompted_lm:
         raise ValueError(
             "evaluate.tasks lists 'generation', which scores prompt -> response rows of the fine-tuning data, but "
-            f"finetune.task is {finetune.task!r}. Fix: use finetune.task: instruction (with label_column naming the "
-            "response column), or remove 'generation' (evaluate.generation.prompts alone gives sample completions)."
+            f"finetune.task is {finetune.task!r} without a prompt_template. Fix: use finetune.task: instruction (with "
+            "label_column naming the response column), set finetune.prompt_template (and label_column) for a causal "
+            "LM, or remove 'generation' (evaluate.generation.prompts alone gives sample completions)."
         )
     if "classification" in tasks and not (tuned and finetune.task == "classification"):
         raise ValueError(

@@ -44,7 +44,7 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError
 
-__all__ = ["HubConfig", "HubPushError", "write_model_card", "prepare_upload_folder", "push_to_hub"]
+__all__ = ["HubConfig", "HubPushError", "write_model_card", "prepare_upload_folder", "push_to_hub", "run_push"]
 
 
 @dataclass
@@ -291,6 +291,9 @@ _TOKENIZER_VOCAB = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
+_NOT_UPLOADED = {"README.md", "stage.json"}  # an old card; the runner's bookkeeping
+
+
 def prepare_upload_folder(artifacts: Mapping[str, Path], staging_dir: Path, **card_kwargs: Any) -> Path:
     """Assemble a complete, ready-to-upload folder in ``staging_dir`` and write its model card.
 
@@ -322,7 +325,7 @@ def prepare_upload_folder(artifacts: Mapping[str, Path], staging_dir: Path, **ca
         if not source.exists():
             raise FileNotFoundError(f"artifact {role or 'model'!r}: {source} does not exist")
         for file in [source] if source.is_file() else sorted(source.iterdir()):
-            if file.is_file() and not file.name.startswith(".") and file.name != "README.md":
+            if file.is_file() and not file.name.startswith(".") and file.name not in _NOT_UPLOADED:
                 _place(file, staging_dir / _ROLES[role] / file.name, placed)
 
     _require_complete(staging_dir)
@@ -472,3 +475,62 @@ def _files(folder: Path) -> list[Path]:
         p for p in folder.rglob("*")
         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------------------
+def run_push(recipe: Any, accelerator: Any) -> CommitInfo | None:
+    """The hub stage of a recipe: assemble `output_dir/hub/upload/` from the run's artefacts (the merged model if
+    there is one, else the pretrained base, with the adapter under `adapter/`), write the card, push in one commit.
+    Only the main process talks to the Hub."""
+    if not accelerator.is_main_process:
+        return None
+    out = recipe.output_dir
+    staging = out / "hub" / "upload"
+    shutil.rmtree(staging, ignore_errors=True)  # rebuilt from the run's artefacts every time: nothing stale is pushed
+    artifacts: dict[str, Path] = {"model": _model_folder(recipe), "tokenizer": out / "tokenizer"}
+    if (out / "finetune" / "adapter").is_dir():
+        artifacts["adapter"] = out / "finetune" / "adapter"
+    report = _read_json(out / "eval" / "report.json") or {}
+    plots = sorted(out.glob("eval/*.png")) + sorted(p for p in (out / "pretrain" / "loss_curve.png", out / "finetune" / "loss_curve.png") if p.is_file())
+    sources = [s.name for s in recipe.data.sources] + [s.name for s in (recipe.finetune.data.sources if recipe.finetune.data else [])]
+    from pipeline.recipe import recipe_to_dict
+
+    prepare_upload_folder(
+        artifacts, staging, repo_id=recipe.hub.repo_id, recipe=recipe_to_dict(recipe), metrics=card_metrics(report),
+        plots=[str(p) for p in plots], base_model=None, datasets=[],
+        tags=[name for name in dict.fromkeys(sources) if "/" not in name and "." not in name],  # corpus names, not paths
+    )
+    cfg = HubConfig(**{f.name: getattr(recipe.hub, f.name) for f in dataclasses.fields(HubConfig)})
+    info = push_to_hub(staging, cfg)
+    print(f"pushed {staging} to {cfg.repo_id}: {info} (pin revision={info.oid} for trust_remote_code loads)")
+    return info
+
+
+def _model_folder(recipe: Any) -> Path:
+    merged = recipe.output_dir / "finetune" / "merged"
+    if merged.is_dir():
+        return merged
+    base = recipe.finetune.base if recipe.finetune.enabled and recipe.finetune.base else None
+    if base is None:
+        return recipe.output_dir / "pretrain"
+    if not Path(base).is_dir():
+        raise ValueError(
+            f"the fine-tuned base {base} is not a local folder, so its weights cannot be uploaded with the adapter: "
+            "set finetune.merge: true to push a merged model"
+        )
+    return Path(base)
+
+
+def card_metrics(report: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The evaluation report flattened to {"base": {"domain perplexity": ...}, "tuned": {...}} for the card."""
+    rows: dict[str, dict[str, float]] = {}
+    sections = [(name, report.get(name)) for name in ("general", "domain")]
+    sections += [(task, entry) for task, entry in (report.get("tasks") or {}).items()]
+    for label, entry in sections:
+        for model in ("base", "tuned"):
+            for metric, value in ((entry or {}).get(model) or {}).items():
+                if isinstance(value, (int, float)) and metric not in ("tokens", "bytes", "documents"):
+                    rows.setdefault(model, {})[f"{label} {metric}"] = float(value)
+    return rows

@@ -366,7 +366,7 @@ class FinetuneSection:
     data: DataSection | None = None
     """Fine-tuning data (None: the top-level data section)."""
     prompt_template: str | None = None
-    """Template of an instruction example (task instruction; None: the tokenizer's chat template)."""
+    """Python format string over a row's columns. instruction: the training prompt (None: the chat template); causal_lm: the prompt of the generation evaluation (e.g. "{code} " -> title)."""
     label_column: str = "label"
     """Column with the class label (task classification)."""
     num_labels: int | None = None
@@ -383,8 +383,11 @@ class FinetuneSection:
             if self.task != "classification":
                 yield "num_labels", f"is only used by task 'classification' (task is {self.task!r}). Fix: remove it."
             yield from _check_range(self, "num_labels", low=2)
-        if self.prompt_template is not None and self.task != "instruction":
-            yield "prompt_template", f"is only used by task 'instruction' (task is {self.task!r}). Fix: remove it."
+        if self.prompt_template is not None and self.task == "classification":
+            yield "prompt_template", (
+                "is used by the 'instruction' task (training prompts) and by 'causal_lm' (prompts of the generation "
+                "evaluation), not by 'classification'. Fix: remove it."
+            )
         if not self.label_column:
             yield "label_column", "must not be empty."
 
