@@ -489,7 +489,9 @@ def run_push(recipe: Any, accelerator: Any) -> CommitInfo | None:
     out = recipe.output_dir
     staging = out / "hub" / "upload"
     shutil.rmtree(staging, ignore_errors=True)  # rebuilt from the run's artefacts every time: nothing stale is pushed
-    artifacts: dict[str, Path] = {"model": _model_folder(recipe), "tokenizer": out / "tokenizer"}
+    artifacts: dict[str, Path] = {"model": _model_folder(recipe)}
+    if not (artifacts["model"] / "tokenizer.json").is_file():  # stage folders carry the tokenizer they trained with
+        artifacts["tokenizer"] = out / "tokenizer"
     if (out / "finetune" / "adapter").is_dir():
         artifacts["adapter"] = out / "finetune" / "adapter"
     report = _read_json(out / "eval" / "report.json") or {}

@@ -1,0 +1,132 @@
+"""The default recipe end to end, shrunk by command-line overrides: every stage, every artefact, a push to a local
+stand-in for the Hub, a reload of the pushed model where `pipeline` cannot be imported, and stage skipping."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hub_server import HubStandIn
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "tester/quill-quickstart"
+SMALL = [
+    "tokenizer.vocab_size=512",
+    "model.hidden_size=64", "model.num_hidden_layers=2",
+    "data.max_documents=120", "data.block_size=64", "data.validation_fraction=0.05",
+    "pretrain.max_steps=60", "pretrain.batch_size=8", "pretrain.warmup_steps=5",
+    "pretrain.eval_every=30", "pretrain.save_every=30",
+    "finetune.data.sources[0].max_documents=600", "finetune.data.block_size=64",
+    "finetune.train.max_steps=40", "finetune.train.batch_size=8", "finetune.train.eval_every=20",
+    "finetune.train.save_every=20",
+    "evaluate.max_documents=16", "evaluate.few_shot=1", "evaluate.generation.max_new_tokens=8",
+]
+
+
+def environment(hub: HubStandIn, tmp_path: Path) -> dict[str, str]:
+    """A process that talks to the stand-in only: its endpoint, a dummy token, a fresh cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    return env | {"HF_ENDPOINT": hub.url, "HF_TOKEN": "dummy", "HF_HOME": str(tmp_path / "hf_home"),
+                  "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_pipeline(out: Path, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pipeline", "run", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={out}",
+               *SMALL, "hub.push=true", f"hub.repo_id={REPO}", *extra]
+    result = subprocess.run(command, env=env, cwd=out.parent, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def statuses(result: subprocess.CompletedProcess) -> dict[str, str]:
+    rows = [line.split(":", 1) for line in result.stdout.splitlines() if line.strip().split(":")[0] in
+            ("tokenizer", "pretrain", "finetune", "evaluate", "hub")]
+    return {stage.strip(): rest.split("/")[0].strip() for stage, rest in rows}
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("quickstart")
+    with HubStandIn() as hub:
+        env = environment(hub, tmp_path)
+        out = tmp_path / "run"
+        first = run_pipeline(out, env)
+        yield hub, env, out, first, tmp_path
+
+
+def test_every_stage_runs_and_leaves_its_artefacts(quickstart) -> None:
+    _, _, out, first, _ = quickstart
+    assert statuses(first) == dict.fromkeys(("tokenizer", "pretrain", "finetune", "evaluate", "hub"), "ran")
+    for path in (
+        "recipe.yaml", "tokenizer/tokenizer.json", "tokenizer/fertility.json",
+        "pretrain/config.json", "pretrain/model.safetensors", "pretrain/modeling_quill.py", "pretrain/metrics.jsonl",
+        "pretrain/loss_curve.png", "pretrain/checkpoints/checkpoint-00000060/model.safetensors",
+        "finetune/adapter/adapter_config.json", "finetune/adapter/adapter_model.safetensors",
+        "finetune/merged/model.safetensors", "finetune/metrics.jsonl",
+        "eval/report.json", "eval/report.md", "eval/perplexity.png",
+        "hub/upload/README.md", "hub/upload/model.safetensors", "hub/upload/adapter/adapter_config.json",
+    ):
+        assert (out / path).is_file(), path
+    for stage in ("tokenizer", "pretrain", "finetune", "eval", "hub"):
+        assert json.loads((out / stage / "stage.json").read_text())["complete"] is True
+
+
+def test_the_report_shows_the_tuned_model_better_on_the_domain(quickstart) -> None:
+    _, _, out, _, _ = quickstart
+    report = json.loads((out / "eval" / "report.json").read_text())
+    domain, general = report["domain"], report["general"]
+    assert domain["tuned"]["perplexity"] < domain["base"]["perplexity"]
+    assert domain["tuned"]["bits_per_byte"] < domain["base"]["bits_per_byte"]
+    assert "change" in general  # forgetting is reported either way
+    generation = report["tasks"]["generation"]
+    assert set(generation["base"]) >= {"exact_match", "rouge_l"} and generation["rows"] == 16
+    markdown = (out / "eval" / "report.md").read_text()
+    assert f"{domain['tuned']['perplexity']:.4f}" in markdown
+
+
+def test_the_push_is_one_commit_that_loads_where_pipeline_is_absent(quickstart) -> None:
+    hub, env, out, _, tmp_path = quickstart
+    files = set(hub.files(REPO, "main"))
+    assert {"config.json", "model.safetensors", "configuration_quill.py", "modeling_quill.py", "tokenizer.json",
+            "tokenizer_config.json", "README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files
+    assert "stage.json" not in files
+    assert hub.commit_count(REPO) == 2  # the repo's creation, then the whole upload at once
+    script = tmp_path / "load.py"
+    script.write_text(
+        "import sys, json, torch\n"
+        "sys.modules['pipeline'] = None\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+        "ids = tok('E11.9 Type 2 diabetes', return_tensors='pt').input_ids\n"
+        "torch.save({'ids': ids, 'logits': model(ids).logits.detach()}, sys.argv[2])\n"
+        "print(type(model).__module__)\n"
+    )
+    result = subprocess.run([sys.executable, "-I", str(script), REPO, str(tmp_path / "remote.pt")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "transformers_modules" in result.stdout
+    remote = torch.load(tmp_path / "remote.pt")
+    import pipeline  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(out / "finetune" / "merged").eval()
+    torch.testing.assert_close(remote["logits"], local(remote["ids"]).logits.detach(), rtol=0, atol=0)
+
+
+def test_a_rerun_skips_finished_stages_and_a_change_reruns_only_what_depends_on_it(quickstart) -> None:
+    hub, env, out, _, _ = quickstart
+    again = run_pipeline(out, env)
+    assert set(statuses(again).values()) == {"skipped (up to date)"}
+    assert hub.commit_count(REPO) == 2  # nothing pushed twice
+    changed = run_pipeline(out, env, "finetune.train.learning_rate=1e-3")
+    assert statuses(changed) == {"tokenizer": "skipped (up to date)", "pretrain": "skipped (up to date)",
+                                 "finetune": "ran", "evaluate": "ran", "hub": "ran"}
+    assert hub.commit_count(REPO) == 3
+    assert list(out.glob("finetune.replaced-*"))  # the earlier adapter is kept, not overwritten
