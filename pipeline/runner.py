@@ -11,6 +11,7 @@ incomplete one (training resumes from its checkpoints), and moves a folder built
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.recipe import Recipe, TrainSection, dump_recipe, section_hash
-from pipeline.training import seed_everything
+from pipeline.training import build_accelerator, seed_everything
 
 STAGES = ("tokenizer", "pretrain", "finetune", "evaluate", "hub")
 
@@ -100,7 +101,7 @@ def run_recipe(
         log(f"[{stage}] running → {folder}")
         seed_everything(recipe.seed)  # each stage starts from the recipe's seed, whatever ran before it
         start = time.perf_counter()
-        _STAGE_FUNCTIONS[stage]()(recipe, accelerator)
+        _stage_function(stage)(recipe, accelerator)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             _write_marker(folder, digest, complete=True)
@@ -110,14 +111,7 @@ def run_recipe(
 
 
 def stage_accelerator(cfg: TrainSection | None, folder: Path, expected_processes: int | None) -> Accelerator:
-    """A fresh Accelerator per stage: stages may differ in mixed precision and accumulation, and accelerate keeps
-    those in process-wide singletons. The distributed process group (PartialState) is kept."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    from pipeline.training import build_accelerator
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    """A fresh Accelerator per stage (stages differ in mixed precision and accumulation)."""
     return build_accelerator(cfg or TrainSection(), folder, expected_processes)
 
 
@@ -154,39 +148,19 @@ def _write_marker(folder: Path, digest: str, complete: bool) -> None:
     partial.replace(folder / MARKER)
 
 
-def _tokenizer() -> Callable:
-    from pipeline.tokenizer import run_tokenizer_stage
-
-    return run_tokenizer_stage
-
-
-def _pretrain() -> Callable:
-    from pipeline.pretrain import run_pretrain
-
-    return run_pretrain
-
-
-def _finetune() -> Callable:
-    from pipeline.finetune import run_finetune
-
-    return run_finetune
-
-
-def _evaluate() -> Callable:
-    from pipeline.evaluation import run_evaluation
-
-    return run_evaluation
-
-
-def _hub() -> Callable:
-    from pipeline.hub import run_push
-
-    return run_push
-
-
-_STAGE_FUNCTIONS: dict[str, Callable[[], Callable[[Recipe, Accelerator], Any]]] = {
-    "tokenizer": _tokenizer, "pretrain": _pretrain, "finetune": _finetune, "evaluate": _evaluate, "hub": _hub,
+# Each stage's entry point, imported only when the stage runs (a dry run or a skipped stage loads none of them).
+_STAGE_FUNCTIONS = {
+    "tokenizer": "pipeline.tokenizer:run_tokenizer_stage",
+    "pretrain": "pipeline.pretrain:run_pretrain",
+    "finetune": "pipeline.finetune:run_finetune",
+    "evaluate": "pipeline.evaluation:run_evaluation",
+    "hub": "pipeline.hub:run_push",
 }
+
+
+def _stage_function(stage: str) -> Callable[[Recipe, Accelerator], Any]:
+    module, name = _STAGE_FUNCTIONS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # ---------------------------------------------------------------------------------------------------------------

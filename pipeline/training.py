@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from torch.utils.data import DataLoader
 
@@ -38,6 +39,10 @@ LOG_FILE = "metrics.jsonl"
 def build_accelerator(cfg: Any, output_dir: Path, expected_processes: int | None = None) -> Accelerator:
     """The Accelerator for a run. Accumulation goes through accelerate (so DeepSpeed sees it too) but never syncs
     with the end of the dataloader: our windows always hold exactly `gradient_accumulation_steps` micro-batches."""
+    # Accelerate keeps mixed precision and accumulation in process-wide singletons; stages (and tests) differ in
+    # both, so each Accelerator starts from a clean state. The distributed process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     trackers = [t for t in cfg.trackers if t != "jsonl"]
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,

@@ -200,3 +200,24 @@ def test_bits_per_byte_is_loss_over_bytes(tmp_path: Path) -> None:
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
     assert metrics["eval_bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
     assert metrics["eval_tokens"] == tokens
+
+
+def test_bf16_autocast_trains_with_fp32_master_weights(tmp_path: Path) -> None:
+    full, w_full = run_in_process(tmp_path / "fp32", max_steps=4)
+    half, w_half = run_in_process(tmp_path / "bf16", max_steps=4, mixed_precision="bf16")
+    assert all(v.dtype == torch.float32 for v in w_half.values())  # autocast computes in bf16, keeps fp32 weights
+    assert half["losses"] == pytest.approx(full["losses"], rel=2e-2)  # bf16 rounding, not a different run
+    assert half["losses"] != full["losses"]  # ...but bf16 really was used
+
+
+def test_metrics_reach_tensorboard_as_well_as_the_jsonl_file(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    run_in_process(tmp_path, max_steps=3, trackers=["jsonl", "tensorboard"])
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in accumulator.Scalars("loss")] == pytest.approx([r["loss"] for r in logged])

@@ -46,7 +46,8 @@ def run(options: dict) -> dict:
         gradient_accumulation_steps=options.get("gradient_accumulation_steps", 1), learning_rate=3e-3,
         warmup_steps=2, lr_scheduler="cosine", min_lr_ratio=0.1, weight_decay=0.1, max_grad_norm=1.0,
         eval_every=1000, log_every=1, save_every=options.get("save_every", 1000), keep_last=options.get("keep_last", 2),
-        resume=options.get("resume", "never"), trackers=["jsonl"], mixed_precision="no",
+        resume=options.get("resume", "never"), trackers=options.get("trackers", ["jsonl"]),
+        mixed_precision=options.get("mixed_precision", "no"),
     )
     seed_everything(options.get("seed", 0))
     accelerator = build_accelerator(cfg, out, expected_processes=options.get("expected_processes"))
