@@ -440,3 +440,20 @@ def test_quill_with_rope_and_swiglu_computes_exactly_what_llama_computes() -> No
     keep = mask.bool()
     torch.testing.assert_close(quill(ids, attention_mask=mask).logits[keep], llama(ids, attention_mask=mask).logits[keep],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_text_generation_pipeline_runs_our_model() -> None:
+    from transformers import pipeline as hf_pipeline
+
+    from pipeline.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(["to be or not to be, that is the question. " * 20], vocab_size=300, min_frequency=1)
+    model = tiny_lm(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
+    generator = hf_pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = generator("to be or", max_new_tokens=6, do_sample=False, return_full_text=False)
+    ids = tokenizer("to be or", return_tensors="pt")["input_ids"]
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out[0]["generated_text"] == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+    batch = generator(["to be or", "the question"], max_new_tokens=4, do_sample=False, batch_size=2)
+    assert len(batch) == 2 and all(row[0]["generated_text"] for row in batch)
