@@ -55,8 +55,11 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_recipe
 
     outcomes = run_recipe(recipe, stages=stages, expected_processes=args.num_processes)
-    for outcome in outcomes:
-        print(f"{outcome.stage:>10}: {outcome.status:<22} {outcome.folder}")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        for outcome in outcomes:
+            print(f"{outcome.stage:>10}: {outcome.status:<22} {outcome.folder}")
     return 0
 
 

@@ -81,6 +81,8 @@ def run_recipe(
     accelerator = stage_accelerator(None, recipe.output_dir, expected_processes)  # checks the world first
     if accelerator.is_main_process:
         dump_recipe(recipe, recipe.output_dir / "recipe.yaml")
+    else:
+        log = _silent  # one voice: every rank runs the stages, the main process reports them
     outcomes = []
     for stage in STAGES:
         if stage not in selected:
@@ -108,6 +110,10 @@ def run_recipe(
         outcomes.append(StageOutcome(stage, "ran", folder, time.perf_counter() - start))
         log(f"[{stage}] done in {outcomes[-1].seconds:.1f}s")
     return outcomes
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 def stage_accelerator(cfg: TrainSection | None, folder: Path, expected_processes: int | None) -> Accelerator:

@@ -140,3 +140,37 @@ def test_a_corpus_too_small_for_one_block_stops_before_any_training(tmp_path: Pa
     with pytest.raises(ValueError, match="block_size"):
         run_recipe(recipe_from_dict(recipe), log=lambda _: None)
     assert not (out / "pretrain" / "checkpoints").exists() and not (out / "pretrain" / "metrics.jsonl").exists()
+
+
+def test_a_recipe_under_two_cpu_ranks_trains_like_one_process(tmp_path: Path) -> None:
+    """`accelerate launch` with two gloo ranks and half the per-device batch: the same losses, one log, one model."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    settings = {"max_steps": 12, "eval_every": 6, "save_every": 6, "log_every": 3}
+    single = tmp_path / "single"
+    run_recipe(recipe_from_dict(tiny_recipe(single, pretrain={**settings, "batch_size": 8})), log=lambda _: None)
+    recipe = tmp_path / "recipe.yaml"
+    from pipeline.recipe import dump_recipe
+
+    dump_recipe(recipe_from_dict(tiny_recipe(tmp_path / "ddp", pretrain={**settings, "batch_size": 4})), recipe)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "recipes" / "accelerate" / "cpu-2proc.yaml"), "--main_process_port", "0",
+               "-m", "pipeline", "run", str(recipe), "--num-processes", "2"]
+    result = subprocess.run(command, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "processes: 2" in result.stdout and result.stdout.count("pretrain: ran") == 1  # the main process reports
+    ddp = [json.loads(line) for line in (tmp_path / "ddp" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (single / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ddp] == [r["step"] for r in one]
+    for a, b in zip(ddp, one):
+        for key in ("loss", "lr", "eval_loss", "eval_bits_per_byte"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+    ddp_weights = load_file(tmp_path / "ddp" / "pretrain" / "model.safetensors")
+    one_weights = load_file(single / "pretrain" / "model.safetensors")
+    for key in one_weights:
+        torch.testing.assert_close(ddp_weights[key], one_weights[key], rtol=1e-3, atol=1e-4, msg=key)
