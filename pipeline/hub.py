@@ -25,9 +25,8 @@ import re
 import shlex
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import yaml
@@ -44,39 +43,26 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError
 
-__all__ = ["HubConfig", "HubPushError", "write_model_card", "prepare_upload_folder", "push_to_hub", "run_push"]
+__all__ = ["HubTarget", "HubPushError", "write_model_card", "prepare_upload_folder", "push_to_hub", "run_push"]
 
 
-@dataclass
-class HubConfig:
-    """The recipe's ``hub:`` section."""
+class HubTarget(Protocol):
+    """Where and how to push: the recipe's ``hub:`` section (`pipeline.recipe.HubSection`) or any object with these
+    attributes. Kept structural so this module imports nothing from the rest of the package."""
 
-    push: bool = False
-    """Push the final model at the end of the run."""
-    repo_id: str | None = None
-    """``"user/name"`` or ``"org/name"``; required when ``push`` is true."""
-    private: bool = False
-    """Create the repo private (ignored when it already exists)."""
-    revision: str | None = None
-    """Branch to push to, created from ``main`` if missing. ``None`` pushes to ``main``."""
-    create_pr: bool = False
-    """Open a pull request against ``revision`` (or ``main``) instead of committing to it."""
-    token: str | None = None
-    """Hub token; default: the ``HF_TOKEN`` environment variable or the cached ``hf auth login``."""
-    commit_message: str = "Upload with pipeline"
-
-    def __post_init__(self) -> None:
-        if self.push and not self.repo_id:
-            raise ValueError("hub.push is true but hub.repo_id is not set: add `repo_id: <user>/<model-name>`")
-        if self.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
-            raise ValueError(f"hub.repo_id={self.repo_id!r} is not of the form '<user or org>/<name>'")
+    repo_id: str | None
+    private: bool
+    revision: str | None  # branch to push to, created from main if missing; None: main
+    create_pr: bool  # open a pull request against `revision` (or main) instead of committing to it
+    token: str | None  # None: the HF_TOKEN environment variable or the cached `hf auth login`
+    commit_message: str
 
 
 class HubPushError(RuntimeError):
     """A push that did not happen. The folder it was given is untouched and complete: the message says how to
     upload it by hand."""
 
-    def __init__(self, folder: Path, cfg: HubConfig, reason: str):
+    def __init__(self, folder: Path, cfg: HubTarget, reason: str):
         self.folder, self.repo_id = Path(folder), cfg.repo_id
         command = ["hf", "upload", cfg.repo_id or "<user>/<model>", str(self.folder), "."]
         if cfg.revision:
@@ -421,7 +407,7 @@ _WEIGHT_FILE = re.compile(
 )
 
 
-def push_to_hub(folder: Path, cfg: HubConfig) -> CommitInfo:
+def push_to_hub(folder: Path, cfg: HubTarget) -> CommitInfo:
     """Push ``folder`` (see :func:`prepare_upload_folder`) to ``cfg.repo_id`` as ONE commit.
 
     Creates the repo (``exist_ok``) and the ``cfg.revision`` branch if missing, then commits every file of the
@@ -504,9 +490,8 @@ def run_push(recipe: Any, accelerator: Any) -> CommitInfo | None:
         plots=[str(p) for p in plots], base_model=None, datasets=[],
         tags=[name for name in dict.fromkeys(sources) if "/" not in name and "." not in name],  # corpus names, not paths
     )
-    cfg = HubConfig(**{f.name: getattr(recipe.hub, f.name) for f in dataclasses.fields(HubConfig)})
-    info = push_to_hub(staging, cfg)
-    print(f"pushed {staging} to {cfg.repo_id}: {info} (pin revision={info.oid} for trust_remote_code loads)")
+    info = push_to_hub(staging, recipe.hub)
+    print(f"pushed {staging} to {recipe.hub.repo_id}: {info} (pin revision={info.oid} for trust_remote_code loads)")
     return info
 
 

@@ -28,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrai
 
 import pipeline.hub
 from hub_server import HubStandIn
-from pipeline.hub import HubConfig, prepare_upload_folder, write_model_card
+from pipeline.hub import prepare_upload_folder, write_model_card
 
 REPO = "tester/tiny"
 CORPUS = ["the cat sat on the mat", "a dog ate the bone", "the patient has a mild fever", "no fever, no cough"] * 4
@@ -124,7 +124,7 @@ def run_python(code: str, env: dict[str, str], *args: str, cwd: Path | None = No
 
 
 PUSH = """
-import importlib.util, json, sys
+import importlib.util, json, sys, types
 from pathlib import Path
 
 # The package __init__ imports torch and transformers (it registers Quill); the push needs neither, so load the
@@ -136,7 +136,9 @@ spec.loader.exec_module(hub)
 results = []
 for folder, cfg in json.loads(sys.argv[2]):
     try:
-        info = hub.push_to_hub(Path(folder), hub.HubConfig(**cfg))
+        target = types.SimpleNamespace(**{"private": False, "revision": None, "create_pr": False, "token": None,
+                                          "commit_message": "Upload with pipeline", **cfg})
+        info = hub.push_to_hub(Path(folder), target)
         results.append({"url": str(info), "oid": info.oid, "pr_url": info.pr_url})
     except hub.HubPushError as err:
         results.append({"error": str(err)})
@@ -145,7 +147,7 @@ print(json.dumps(results))
 
 
 def push(env: dict[str, str], *jobs: tuple[Path, dict]) -> list[dict]:
-    """Push each ``(folder, HubConfig kwargs)`` in turn, in one subprocess; one result dict per push."""
+    """Push each ``(folder, hub settings)`` in turn, in one subprocess; one result dict per push."""
     jobs_json = json.dumps([(str(folder), {"repo_id": REPO, **cfg}) for folder, cfg in jobs])
     return run_python(PUSH, env, pipeline.hub.__file__, jobs_json)
 

@@ -17,7 +17,6 @@ from pipeline.training import (
     list_checkpoints,
     lr_multiplier,
     resolve_resume,
-    save_checkpoint,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
