@@ -34,7 +34,7 @@ from datasets import Dataset, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.sources import SourceSpec, _as_spec, load_source, validate_source
+from pipeline.sources import SourceSpec, as_source_spec, load_source, validate_source
 from pipeline.tokenizer import tokenizer_fingerprint
 
 __all__ = [
@@ -103,7 +103,7 @@ def load_corpus(
     """
     if isinstance(sources, (str, SourceSpec, Mapping)):
         sources = [sources]  # one source given bare
-    specs = [_as_spec(source) for source in sources]
+    specs = [as_source_spec(source) for source in sources]
     _check_corpus_arguments(specs, validation_fraction, validation_documents, max_documents, stopping_strategy)
     for spec in specs:
         validate_source(spec)  # all of them, before anything is loaded

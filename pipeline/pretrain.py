@@ -79,7 +79,7 @@ def block_loaders(
     with accelerator.main_process_first():
         train_docs, validation_docs = load_corpus(
             sources, seed=seed, validation_fraction=data.validation_fraction, max_documents=data.max_documents,
-            streaming=data.streaming,
+            streaming=data.streaming, validation_documents=data.validation_documents,
         )
         pack = partial(
             tokenize_and_pack, tokenizer=tokenizer, block_size=data.block_size, packing=data.packing,

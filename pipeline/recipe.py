@@ -105,6 +105,8 @@ class SourceSection:
     """Hub dataset configuration (the ``name`` argument of `datasets.load_dataset`)."""
     max_documents: int | None = None
     """Read at most this many documents from this source (None: all)."""
+    sample_by: Literal["paragraph", "document", "line"] = "paragraph"
+    """How a local .txt file is cut into documents."""
 
     def problems(self) -> Iterator[Problem]:
         if not self.name.strip():
@@ -232,6 +234,9 @@ class DataSection:
     """Processes for tokenisation (`datasets.map`)."""
     max_documents: int | None = None
     """Use at most this many documents in total (None: all)."""
+    validation_documents: int | None = None
+    """Hold out exactly this many documents per source instead of validation_fraction (needed when streaming a
+    source of unknown size)."""
 
     def problems(self) -> Iterator[Problem]:
         if not self.sources:
@@ -240,6 +245,7 @@ class DataSection:
         yield from _check_range(self, "block_size", low=2)
         yield from _check_range(self, "num_proc", low=1)
         yield from _check_range(self, "max_documents", low=1)
+        yield from _check_range(self, "validation_documents", low=1)
         if self.document_masking and not self.packing:
             yield "document_masking", (
                 "only applies to packed blocks (each unpacked sequence is one document). Fix: set packing: true "
@@ -440,7 +446,7 @@ class EvaluateSection:
     batch_size: int = 8
     """Sequences per evaluation batch."""
     few_shot: int = 0
-    """In-context examples per classification prompt."""
+    """Solved training examples placed before each held-out prompt of the generation task (in-context evaluation)."""
     tasks: list[Literal["perplexity", "classification", "generation"]] = field(default_factory=lambda: ["perplexity"])
     """What to measure."""
     generation: GenerationSection = field(default_factory=GenerationSection)

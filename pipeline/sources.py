@@ -40,7 +40,7 @@ import datasets
 import pyarrow.compute as pc
 from datasets.table import InMemoryTable
 
-__all__ = ["CORPORA", "SourceSpec", "load_source", "validate_source"]
+__all__ = ["CORPORA", "SourceSpec", "as_source_spec", "load_source", "validate_source"]
 
 
 @dataclass
@@ -91,12 +91,12 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def validate_source(spec: SourceLike) -> None:
     """Check a source without loading it; raise `ValueError`/`FileNotFoundError` saying what to fix."""
-    _resolve(_as_spec(spec))
+    _resolve(as_source_spec(spec))
 
 
 def load_source(spec: SourceLike) -> datasets.Dataset | datasets.IterableDataset:
     """Load one source as a dataset whose ``text`` column holds the documents (other columns kept)."""
-    spec = _as_spec(spec)
+    spec = as_source_spec(spec)
     kind, target, files = _resolve(spec)
     if kind == "corpus":
         ds = CORPORA[target]()
@@ -127,7 +127,8 @@ def load_source(spec: SourceLike) -> datasets.Dataset | datasets.IterableDataset
 # ----------------------------------------------------------------------------------- resolution
 
 
-def _as_spec(spec: SourceLike) -> SourceSpec:
+def as_source_spec(spec: SourceLike) -> SourceSpec:
+    """A `SourceSpec` from a spec, a name or a mapping of its fields."""
     if isinstance(spec, SourceSpec):
         return spec
     if isinstance(spec, str):
