@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,9 +53,17 @@ def _run(args: argparse.Namespace) -> int:
         print("# plan\n" + json.dumps(plan(recipe, args.num_processes or 1), indent=2))
         return 0
 
+    from pipeline.hub import HubPushError
     from pipeline.runner import run_recipe
 
-    outcomes = run_recipe(recipe, stages=stages, expected_processes=args.num_processes)
+    try:
+        outcomes = run_recipe(recipe, stages=stages, expected_processes=args.num_processes)
+    except (HubPushError, ValueError, FileNotFoundError, RuntimeError) as error:
+        # Problems with the user's data, world or Hub access: the message names the problem and the fix.
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        print(f"error: {error}\n(set PIPELINE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -130,3 +130,19 @@ def test_a_rerun_skips_finished_stages_and_a_change_reruns_only_what_depends_on_
                                  "finetune": "ran", "evaluate": "ran", "hub": "ran"}
     assert hub.commit_count(REPO) == 3
     assert list(out.glob("finetune.replaced-*"))  # the earlier adapter is kept, not overwritten
+
+
+def test_a_push_without_network_fails_clearly_and_leaves_a_complete_folder(quickstart, tmp_path: Path) -> None:
+    _, env, out, _, _ = quickstart
+    offline = {k: v for k, v in env.items() if k != "HF_TOKEN"} | {"HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "pipeline", "run", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={out}",
+               *SMALL, "hub.push=true", "hub.repo_id=tester/elsewhere", "--stages", "hub"]
+    result = subprocess.run(command, env=offline, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: Could not push to the Hub repo tester/elsewhere" in result.stderr
+    assert "Traceback" not in result.stderr and f"{out / 'hub' / 'upload'}" in result.stderr
+    assert "hf upload tester/elsewhere" in result.stderr
+    upload = out / "hub" / "upload"
+    assert {"config.json", "model.safetensors", "modeling_quill.py", "tokenizer.json", "README.md"} <= {
+        p.name for p in upload.iterdir()}
+    assert json.loads((out / "hub" / "stage.json").read_text())["complete"] is False  # a rerun will try again
