@@ -174,3 +174,20 @@ def test_a_recipe_under_two_cpu_ranks_trains_like_one_process(tmp_path: Path) ->
     one_weights = load_file(single / "pretrain" / "model.safetensors")
     for key in one_weights:
         torch.testing.assert_close(ddp_weights[key], one_weights[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_streaming_pretraining_reads_the_corpus_lazily_and_trains(tmp_path: Path) -> None:
+    from pipeline.sources import load_source
+
+    corpus = tmp_path / "plays.jsonl"
+    with corpus.open("w") as handle:
+        for row in load_source({"name": "shakespeare", "max_documents": 30}):
+            handle.write(json.dumps({"text": row["text"]}) + "\n")
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, data={"sources": [{"name": str(corpus)}], "streaming": True, "validation_documents": 3},
+                         pretrain={"max_steps": 20, "eval_every": 20, "save_every": 20, "log_every": 5})
+    run_recipe(recipe_from_dict(recipe), log=lambda _: None)
+    records = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0] and records[-1]["eval_tokens"] > 0
+    assert AutoModelForCausalLM.from_pretrained(out / "pretrain").config.vocab_size == 400
