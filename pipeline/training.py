@@ -344,19 +344,21 @@ def train(
     timer = time.perf_counter()
     tokens_since_log = 0
     final_eval: dict[str, float] = {}
+    unsynced_targets = torch.zeros((), dtype=torch.long, device=accelerator.device)
     while state.step < total_steps:
         batches = [next(stream) for _ in range(window)]
         # Σ target tokens over the window and all ranks: every micro-batch loss is a sum divided by it.
         local_targets = torch.stack([count_targets(b) for b in batches]).sum()
         global_targets = accelerator.reduce(local_targets.detach().clone(), reduction="sum")
+        denominator = global_targets.clamp(min=1)  # a window without targets contributes zero, not NaN
         # DDP/FSDP average gradients over ranks and accelerate divides by the window: undo both.
         scale = accelerator.num_processes * window
         loss_sum = torch.zeros((), device=accelerator.device)
         for batch in batches:
             with accelerator.accumulate(model):
-                outputs = model(**batch, num_items_in_batch=global_targets.clamp(min=1))
+                outputs = model(**batch, num_items_in_batch=denominator)
                 accelerator.backward(outputs.loss * scale)
-                loss_sum += outputs.loss.detach() * global_targets.clamp(min=1)
+                loss_sum += outputs.loss.detach() * denominator
                 grad_norm = None
                 if accelerator.sync_gradients and cfg.max_grad_norm:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -365,13 +367,18 @@ def train(
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         state.step += 1
-        n_targets = int(global_targets.item())
-        state.tokens_seen += n_targets
-        tokens_since_log += n_targets
-        step_loss = (accelerator.reduce(loss_sum, reduction="sum") / max(n_targets, 1)).item()
+        unsynced_targets += global_targets
         progress.update(1)
+        log_now = state.step % cfg.log_every == 0 or state.step == total_steps
+        save_now = state.step % cfg.save_every == 0 or state.step == total_steps
 
-        if state.step % cfg.log_every == 0 or state.step == total_steps:
+        if log_now or save_now:  # the only host-device syncs of a step: GPUs run ahead between them
+            n_targets = int(unsynced_targets.item())
+            unsynced_targets.zero_()
+            state.tokens_seen += n_targets
+            tokens_since_log += n_targets
+        if log_now:
+            step_loss = (accelerator.reduce(loss_sum, reduction="sum") / denominator).item()
             elapsed = time.perf_counter() - timer
             record = {
                 "step": state.step, "loss": step_loss, "lr": lr, "epoch": state.epoch,
@@ -390,7 +397,7 @@ def train(
             final_eval = evaluate_lm(model, eval_loader, accelerator, byte_lengths, cfg.eval_batches)
             state.best_eval_loss = min(state.best_eval_loss, final_eval["eval_loss"])
             log.log({"step": state.step, **final_eval})
-        if state.step % cfg.save_every == 0 or state.step == total_steps:
+        if save_now:
             save_checkpoint(accelerator, state, checkpoint_dir, cfg.keep_last)
     progress.close()
     if accelerator.log_with:
