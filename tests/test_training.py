@@ -220,3 +220,41 @@ def test_metrics_reach_tensorboard_as_well_as_the_jsonl_file(tmp_path: Path) -> 
     accumulator.Reload()
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in accumulator.Scalars("loss")] == pytest.approx([r["loss"] for r in logged])
+
+
+def test_fsdp2_sharding_of_quill_trains_like_one_process(tmp_path: Path) -> None:
+    """fully_shard per decoder block plus a root unit holding the tied embedding/lm_head (recipes/accelerate/fsdp.yaml)
+    gives the losses and weights of unsharded training on the same global batch."""
+    result = run_subprocess([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(Path(__file__).parent / "fsdp_tiny.py"), str(tmp_path)], timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    model = train_tiny.model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows, losses = train_tiny.dataset(), []
+    for step in range(3):
+        batch = rows[step * 4:(step + 1) * 4]
+        labels = torch.stack([r["labels"] for r in batch])
+        loss = model(torch.stack([r["input_ids"] for r in batch]), labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert json.loads((tmp_path / "fsdp-losses.json").read_text()) == pytest.approx(losses, rel=1e-5)
+    sharded = torch.load(tmp_path / "fsdp-weights.pt")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(sharded[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize(
+    "config", sorted((Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml"))
+    + [Path(__file__).resolve().parents[1] / "accelerate_config.yaml"], ids=lambda p: p.name)
+def test_accelerate_configs_are_valid_for_accelerate(config: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_processes >= 1 and loaded.mixed_precision in ("no", "bf16", "fp16")
+    if "fsdp" in config.name:
+        assert loaded.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "QuillDecoderLayer"
+        assert loaded.fsdp_config["fsdp_version"] == 2
+    if "deepspeed" in config.name:
+        assert loaded.deepspeed_config["zero_stage"] in (2, 3)
