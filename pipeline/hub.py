@@ -475,10 +475,16 @@ def run_push(recipe: Any, accelerator: Any) -> CommitInfo | None:
     out = recipe.output_dir
     staging = out / "hub" / "upload"
     shutil.rmtree(staging, ignore_errors=True)  # rebuilt from the run's artefacts every time: nothing stale is pushed
-    artifacts: dict[str, Path] = {"model": _model_folder(recipe)}
-    if not (artifacts["model"] / "tokenizer.json").is_file():  # stage folders carry the tokenizer they trained with
+    model = _model_folder(recipe)
+    artifacts: dict[str, Path] = {"model": model}
+    if not (model / "tokenizer.json").is_file():  # stage folders carry the tokenizer they trained with
         artifacts["tokenizer"] = out / "tokenizer"
-    if (out / "finetune" / "adapter").is_dir():
+    # The adapter is pushed only where its base can be had: the repo root itself (no merge), or the Hub. Next to a
+    # merged model with a local base it would invite applying LoRA twice.
+    base = recipe.finetune.base if recipe.finetune.enabled else None
+    hub_base = base if base and not Path(base).exists() else None
+    merged = model == out / "finetune" / "merged"
+    if (out / "finetune" / "adapter").is_dir() and (not merged or hub_base):
         artifacts["adapter"] = out / "finetune" / "adapter"
     report = _read_json(out / "eval" / "report.json") or {}
     plots = sorted(out.glob("eval/*.png")) + sorted(p for p in (out / "pretrain" / "loss_curve.png", out / "finetune" / "loss_curve.png") if p.is_file())
@@ -487,7 +493,7 @@ def run_push(recipe: Any, accelerator: Any) -> CommitInfo | None:
 
     prepare_upload_folder(
         artifacts, staging, repo_id=recipe.hub.repo_id, recipe=recipe_to_dict(recipe), metrics=card_metrics(report),
-        plots=[str(p) for p in plots], base_model=None, datasets=[],
+        plots=[str(p) for p in plots], base_model=hub_base if merged else None, datasets=[],
         tags=[name for name in dict.fromkeys(sources) if "/" not in name and "." not in name],  # corpus names, not paths
     )
     info = push_to_hub(staging, recipe.hub)
@@ -497,7 +503,7 @@ def run_push(recipe: Any, accelerator: Any) -> CommitInfo | None:
 
 def _model_folder(recipe: Any) -> Path:
     merged = recipe.output_dir / "finetune" / "merged"
-    if merged.is_dir():
+    if recipe.finetune.enabled and recipe.finetune.merge and merged.is_dir():
         return merged
     base = recipe.finetune.base if recipe.finetune.enabled and recipe.finetune.base else None
     if base is None:

@@ -70,7 +70,7 @@ def test_every_stage_runs_and_leaves_its_artefacts(quickstart) -> None:
         "finetune/adapter/adapter_config.json", "finetune/adapter/adapter_model.safetensors",
         "finetune/merged/model.safetensors", "finetune/metrics.jsonl",
         "eval/report.json", "eval/report.md", "eval/perplexity.png",
-        "hub/upload/README.md", "hub/upload/model.safetensors", "hub/upload/adapter/adapter_config.json",
+        "hub/upload/README.md", "hub/upload/model.safetensors",
     ):
         assert (out / path).is_file(), path
     for stage in ("tokenizer", "pretrain", "finetune", "eval", "hub"):
@@ -94,8 +94,9 @@ def test_the_push_is_one_commit_that_loads_where_pipeline_is_absent(quickstart) 
     hub, env, out, _, tmp_path = quickstart
     files = set(hub.files(REPO, "main"))
     assert {"config.json", "model.safetensors", "configuration_quill.py", "modeling_quill.py", "tokenizer.json",
-            "tokenizer_config.json", "README.md", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= files
-    assert "stage.json" not in files
+            "tokenizer_config.json", "README.md"} <= files
+    # the root is the merged model; its LoRA adapter would need the local base, so it is not offered on top of it
+    assert "stage.json" not in files and not any(f.startswith("adapter/") for f in files)
     assert hub.commit_count(REPO) == 2  # the repo's creation, then the whole upload at once
     script = tmp_path / "load.py"
     script.write_text(
@@ -146,3 +147,25 @@ def test_a_push_without_network_fails_clearly_and_leaves_a_complete_folder(quick
     assert {"config.json", "model.safetensors", "modeling_quill.py", "tokenizer.json", "README.md"} <= {
         p.name for p in upload.iterdir()}
     assert json.loads((out / "hub" / "stage.json").read_text())["complete"] is False  # a rerun will try again
+
+
+def test_without_a_merge_the_upload_is_the_base_with_its_adapter(quickstart, tmp_path: Path, monkeypatch) -> None:
+    _, _, out, _, _ = quickstart
+    import pipeline.hub
+    from accelerate import PartialState
+
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml",
+                         [f"output_dir={out}", *SMALL, "hub.push=true", f"hub.repo_id={REPO}", "finetune.merge=false"])
+    pushed = []
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(pipeline.hub, "push_to_hub", lambda folder, cfg: pushed.append(folder) or SimpleNamespace(oid="0"))
+    pipeline.hub.run_push(recipe, PartialState())
+    upload = pushed[0]
+    assert (upload / "model.safetensors").read_bytes() == (out / "pretrain" / "model.safetensors").read_bytes()
+    assert (upload / "adapter" / "adapter_model.safetensors").is_file()
+    card = (upload / "README.md").read_text()
+    assert 'PeftModel.from_pretrained(base, repo, subfolder="adapter"' in card
+    assert "base = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, revision=revision)" in card
