@@ -20,16 +20,25 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    set_seed,
+)
 from torch.utils.data import DataLoader
 
 CHECKPOINT_PREFIX = "checkpoint-"
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 LOG_FILE = "metrics.jsonl"
 
 
@@ -45,6 +54,9 @@ def build_accelerator(cfg: Any, output_dir: Path, expected_processes: int | None
     GradientState._reset_state()
     trackers = [t for t in cfg.trackers if t != "jsonl"]
     accelerator = Accelerator(
+        # Ranks wait in a barrier while the main process tokenizes a corpus or trains the tokenizer; NCCL's default
+        # 10-minute watchdog would kill a real run there. Applies when the process group is first created.
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)],
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
@@ -57,6 +69,9 @@ def build_accelerator(cfg: Any, output_dir: Path, expected_processes: int | None
         step_scheduler_with_optimizer=False,
     )
     check_world(accelerator, expected_processes)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed clips inside its step; "auto" in its config would mean 1.0 whatever the recipe says.
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm or 0.0
     return accelerator
 
 
@@ -119,6 +134,10 @@ class TrainState:
     batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per rank)
     tokens_seen: int = 0  # target tokens over all ranks
     best_eval_loss: float = float("inf")
+    # What `batches_in_epoch` is counted in: resuming with another layout would skip the wrong data.
+    num_processes: int = 1
+    batch_size: int = 0
+    gradient_accumulation_steps: int = 1
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -174,13 +193,28 @@ def save_checkpoint(accelerator: Accelerator, state: TrainState, checkpoint_dir:
     if accelerator.is_main_process:
         (staging / "train_state.json").write_text(json.dumps(state.state_dict(), indent=2))
         _fsync_tree(staging)
-        if final.exists():  # same step saved twice (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # the same step saved again: keep the old copy until the new one is in place
+            replaced = final.with_name(f".old-{final.name}")
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(staging, final)
+        _fsync_dir(checkpoint_dir)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         for old in list_checkpoints(checkpoint_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -251,7 +285,7 @@ def evaluate_lm(
     for i, batch in enumerate(dataloader):
         if max_batches is not None and i >= max_batches:
             break
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
         targets = batch["labels"][:, 1:]
         mask = targets != -100
         nll = torch.nn.functional.cross_entropy(
@@ -322,14 +356,24 @@ def train(
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if eval_loader is not None:
         eval_loader = accelerator.prepare(eval_loader)
-    if cfg.compile:
-        model = torch.compile(model)
+    _check_deepspeed_settings(accelerator, cfg)
+    # Compiled for the forward pass only: the prepared model keeps its parameter names (a compiled module's
+    # state dict gains an `_orig_mod.` prefix that from_pretrained and PEFT would silently ignore).
+    forward = torch.compile(model) if cfg.compile else model
 
-    state = TrainState()
+    layout = dict(num_processes=accelerator.num_processes, batch_size=cfg.batch_size,
+                  gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    state = TrainState(**layout)
     accelerator.register_for_checkpointing(state)
-    resume_from = resolve_resume(cfg.resume, checkpoint_dir)
+    if cfg.resume == "never" and accelerator.is_main_process and list_checkpoints(checkpoint_dir):
+        aside = checkpoint_dir.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(checkpoint_dir, aside)  # a fresh run must not prune, or resume from, another run's checkpoints
+        accelerator.print(f"resume: never — earlier checkpoints moved to {aside}")
+    # Decided once, on the main process: every rank must load the same checkpoint (or none).
+    resume_from = broadcast_object_list([resolve_resume(cfg.resume, checkpoint_dir)])[0]
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        _check_layout(state, layout, resume_from)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
     log = MetricsLog(accelerator, output_dir / LOG_FILE, resume_step=state.step)
     if accelerator.log_with:
@@ -339,7 +383,7 @@ def train(
     window = cfg.gradient_accumulation_steps
     stream = _micro_batches(train_loader, accelerator, state)
     progress = _progress_bar(accelerator, total_steps, state.step)
-    flops_per_token = _flops_per_token(accelerator.unwrap_model(model))
+    flops_per_token = 0.0
     model.train()
     timer = time.perf_counter()
     tokens_since_log = 0
@@ -347,6 +391,8 @@ def train(
     unsynced_targets = torch.zeros((), dtype=torch.long, device=accelerator.device)
     while state.step < total_steps:
         batches = [next(stream) for _ in range(window)]
+        if not flops_per_token:
+            flops_per_token = _flops_per_token(accelerator.unwrap_model(model), batches[0]["input_ids"].shape[-1])
         # Σ target tokens over the window and all ranks: every micro-batch loss is a sum divided by it.
         local_targets = torch.stack([count_targets(b) for b in batches]).sum()
         global_targets = accelerator.reduce(local_targets.detach().clone(), reduction="sum")
@@ -356,7 +402,7 @@ def train(
         loss_sum = torch.zeros((), device=accelerator.device)
         for batch in batches:
             with accelerator.accumulate(model):
-                outputs = model(**batch, num_items_in_batch=denominator)
+                outputs = forward(**batch, num_items_in_batch=denominator)
                 accelerator.backward(outputs.loss * scale)
                 loss_sum += outputs.loss.detach() * denominator
                 grad_norm = None
@@ -365,7 +411,8 @@ def train(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf/NaN gradients
+            scheduler.step()
         state.step += 1
         unsynced_targets += global_targets
         progress.update(1)
@@ -394,7 +441,7 @@ def train(
                 on_log(record)
             timer, tokens_since_log = time.perf_counter(), 0
         if eval_loader is not None and (state.step % cfg.eval_every == 0 or state.step == total_steps):
-            final_eval = evaluate_lm(model, eval_loader, accelerator, byte_lengths, cfg.eval_batches)
+            final_eval = evaluate_lm(forward, eval_loader, accelerator, byte_lengths, cfg.eval_batches)
             state.best_eval_loss = min(state.best_eval_loss, final_eval["eval_loss"])
             log.log({"step": state.step, **final_eval})
         if save_now:
@@ -412,6 +459,27 @@ def _plain_config(cfg: Any) -> dict[str, Any]:
     """Tracker-friendly hyper-parameters (TensorBoard takes only scalars and strings)."""
     values = asdict(cfg) if hasattr(cfg, "__dataclass_fields__") else dict(vars(cfg))
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
+
+
+def _check_deepspeed_settings(accelerator: Accelerator, cfg: Any) -> None:
+    """DeepSpeed keeps its own copy of two loop settings: make them the recipe's, or refuse to start."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
+        raise ValueError(
+            f"DeepSpeed accumulates {accelerator.gradient_accumulation_steps} micro-batches but the recipe says "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps}: remove gradient_accumulation_steps from "
+            "the accelerate/DeepSpeed config (the recipe sets it) or make them equal"
+        )
+
+
+def _check_layout(state: TrainState, layout: dict[str, int], checkpoint: Path) -> None:
+    saved = {key: getattr(state, key) for key in layout}
+    if saved != layout:
+        raise ValueError(
+            f"checkpoint {checkpoint} was written with {saved} but this run has {layout}: its data position does not "
+            "translate. Resume with the same processes, batch_size and gradient_accumulation_steps, or set resume: never"
+        )
 
 
 def _own_generator(loader: DataLoader | None) -> None:
@@ -458,14 +526,16 @@ def _progress_bar(accelerator: Accelerator, total: int, initial: int):
     return tqdm(total=total, initial=initial, disable=not accelerator.is_local_main_process, desc="train", dynamic_ncols=True)
 
 
-def _flops_per_token(model: torch.nn.Module) -> float:
-    """Training FLOPs per token: 6 × parameters (forward + backward matmuls) + attention scores (PaLM appendix B)."""
+def _flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 2 × parameters forward, 4 × backward for trainable weights
+    (2 × for frozen ones, whose activations still need gradients), plus the attention scores."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "num_hidden_layers"):
         return 0.0
-    params = sum(p.numel() for p in model.parameters())
-    seq = getattr(config, "max_position_embeddings", 0)
-    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * seq
+    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]  # ZeRO-3 partitions
+    trainable = sum(n for n, grad in numel if grad)
+    frozen = sum(n for n, grad in numel if not grad)
+    return 6 * trainable + 4 * frozen + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 _PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}

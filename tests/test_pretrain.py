@@ -191,3 +191,16 @@ def test_streaming_pretraining_reads_the_corpus_lazily_and_trains(tmp_path: Path
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < losses[0] and records[-1]["eval_tokens"] > 0
     assert AutoModelForCausalLM.from_pretrained(out / "pretrain").config.vocab_size == 400
+
+
+def test_a_compiled_run_saves_a_model_that_reloads_with_its_trained_weights(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    recipe = tiny_recipe(out, pretrain={"max_steps": 2, "warmup_steps": 1, "save_every": 2, "eval_every": 2, "compile": True})
+    run_recipe(recipe_from_dict(recipe), log=lambda _: None)
+    saved = load_file(out / "pretrain" / "model.safetensors")
+    assert not any(key.startswith("_orig_mod") for key in saved)  # torch.compile's wrapper prefix
+    checkpoint = load_file(out / "pretrain" / "checkpoints" / "checkpoint-00000002" / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(out / "pretrain")
+    for key, value in model.state_dict().items():
+        if key in checkpoint:
+            torch.testing.assert_close(value, checkpoint[key], rtol=0, atol=0, msg=key)

@@ -258,3 +258,17 @@ def test_accelerate_configs_are_valid_for_accelerate(config: Path) -> None:
         assert loaded.fsdp_config["fsdp_version"] == 2
     if "deepspeed" in config.name:
         assert loaded.deepspeed_config["zero_stage"] in (2, 3)
+
+
+def test_resuming_with_another_batch_layout_is_refused(tmp_path: Path) -> None:
+    run_in_process(tmp_path, max_steps=2, save_every=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        run_in_process(tmp_path, max_steps=4, batch_size=8, resume="auto")
+
+
+def test_resume_never_moves_earlier_checkpoints_aside_instead_of_mixing_runs(tmp_path: Path) -> None:
+    run_in_process(tmp_path, max_steps=6, save_every=6)
+    run_in_process(tmp_path, max_steps=2, save_every=1, keep_last=1, resume="never")
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["checkpoint-00000002"]
+    (aside,) = tmp_path.glob("checkpoints.before-*")
+    assert [p.name for p in list_checkpoints(aside)] == ["checkpoint-00000006"]
