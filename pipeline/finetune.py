@@ -127,6 +127,11 @@ def run_finetune(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     save_adapter(accelerator, result.model, tokenizer, folder / "adapter")
     if section.merge:
         if accelerator.is_main_process:
+            # A plain fp32 copy of the base on this process alone: under ZeRO-3, from_pretrained would otherwise
+            # partition it with a collective the other ranks (waiting below) never join.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
             merge_adapter(folder / "adapter", _setup_base(base, section.task, labels, tokenizer), folder / "merged")
         accelerator.wait_for_everyone()
     return result
@@ -457,6 +462,8 @@ def _example_loaders(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, documen
 def _collate_classification(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """`collate` pads the token ids; the labels are one class per example, (B,)."""
     batch = collate([{"input_ids": example["input_ids"]} for example in examples], pad_token_id)
+    # Always a mask: without it the head finds the last token by pad_token_id, which is EOS for many external bases.
+    batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
     batch["labels"] = torch.tensor([example["labels"] for example in examples], dtype=torch.long)
     return batch
 

@@ -20,9 +20,6 @@ from pipeline.recipe import DataSection, ModelSection, Recipe, TrainSection
 from pipeline.sources import SourceSpec
 from pipeline.training import TrainResult, train
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def quill_config(section: ModelSection, tokenizer: PreTrainedTokenizerBase) -> QuillConfig:
     """The model section of a recipe as a QuillConfig whose vocabulary and special ids come from the tokenizer."""
     return QuillConfig(

@@ -177,8 +177,6 @@ class ModelSection:
     """Standard deviation of the normal weight initialisation."""
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] = "sdpa"
     """Attention kernel (transformers' ``attn_implementation``)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype the weights are created or loaded in."""
 
     def problems(self) -> Iterator[Problem]:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -212,6 +210,8 @@ class ModelSection:
         yield from _check_range(self, "rms_norm_eps", low=0, open_low=True)
         yield from _check_range(self, "dropout", low=0, high=1, open_high=True)
         yield from _check_range(self, "initializer_range", low=0, open_low=True)
+        if self.attn_implementation == "flex_attention" and self.dropout > 0:
+            yield "dropout", "must be 0 with flex_attention (transformers' flex path has no attention dropout). Fix: use sdpa."
 
 
 @_section
@@ -246,6 +246,11 @@ class DataSection:
         yield from _check_range(self, "num_proc", low=1)
         yield from _check_range(self, "max_documents", low=1)
         yield from _check_range(self, "validation_documents", low=1)
+        if self.streaming and not self.packing:
+            yield "streaming", (
+                "needs packing: true (accelerate dispatches streamed batches from the main process by concatenating "
+                "them, which only works for fixed-length blocks). Fix: set packing: true or streaming: false."
+            )
         if self.document_masking and not self.packing:
             yield "document_masking", (
                 "only applies to packed blocks (each unpacked sequence is one document). Fix: set packing: true "
@@ -641,6 +646,18 @@ def _resolve(recipe: Recipe) -> None:
 def _cross_section_problems(recipe: Recipe) -> Iterator[Problem]:
     yield from _check_range(recipe, "seed", low=0, high=2**32 - 1)
     model, finetune = recipe.model, recipe.finetune
+    if model.attn_implementation == "flash_attention_2":
+        for key, train in (("pretrain", recipe.pretrain), ("finetune.train", finetune.train)):
+            if train.enabled and train.mixed_precision == "no":
+                yield f"{key}.mixed_precision", (
+                    "is 'no' but flash_attention_2 runs only in bf16/fp16. Fix: set mixed_precision: bf16, or use sdpa."
+                )
+        for key, data, train in (("data", recipe.data, recipe.pretrain), ("finetune.data", finetune.data, finetune.train)):
+            if data is not None and data.document_masking and train.batch_size > 1:
+                yield f"{key}.document_masking", (
+                    "with flash_attention_2 separates packed documents only at batch_size 1 (transformers reads "
+                    "document starts from position_ids for a single row). Fix: use sdpa, or batch_size: 1."
+                )
     if model.path is None:  # our own model: its position table limits the sequence length
         limit = model.max_position_embeddings
         blocks = [("data.block_size", recipe.data.block_size)]
@@ -1045,7 +1062,7 @@ _ALIASES = {
     "save_total_limit": "keep_last", "resume_from_checkpoint": "resume", "report_to": "trackers",
     "lora_alpha": "alpha", "lora_dropout": "dropout", "bf16": "mixed_precision", "fp16": "mixed_precision",
     "max_seq_length": "block_size", "seq_len": "block_size", "context_length": "block_size",
-    "torch_dtype": "dtype", "model_name_or_path": "path", "dataset_name": "name",
+    "model_name_or_path": "path", "dataset_name": "name",
 }
 
 

@@ -7,7 +7,9 @@ import tempfile
 _HOME = tempfile.mkdtemp(prefix="pipeline-tests-hf-")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ.setdefault("HF_HOME", _HOME)
+os.environ["HF_HOME"] = _HOME  # never a developer's real cache: stale tokenized data must not pass a test
+for _variable in ("HF_DATASETS_CACHE", "HF_HUB_CACHE", "HF_MODULES_CACHE", "HF_EVALUATE_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_variable, None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

@@ -97,7 +97,7 @@ def test_a_changed_recipe_reruns_the_stage_and_keeps_the_old_artefact(tmp_path: 
     assert (out / "pretrain" / "model.safetensors").read_bytes() != old_weights
 
 
-def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path: Path, capsys) -> None:
     settings = {"max_steps": 8, "save_every": 4, "eval_every": 100, "log_every": 1}
     uninterrupted = tmp_path / "uninterrupted"
     run_recipe(recipe_from_dict(tiny_recipe(uninterrupted, pretrain=settings)), log=lambda _: None)
@@ -110,8 +110,10 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> Non
     shutil.rmtree(out / "pretrain" / "checkpoints" / "checkpoint-00000008")
     (out / "pretrain" / "model.safetensors").unlink()
     messages: list[str] = []
+    capsys.readouterr()
     outcomes = run_recipe(recipe_from_dict(recipe), log=messages.append)
     assert outcomes[1].status == "ran" and not any("moved" in m for m in messages)  # resumed in place
+    assert "checkpoint-00000004 at step 4" in capsys.readouterr().out
     logged = [json.loads(line) for line in (out / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(line) for line in (uninterrupted / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))  # steps 5-8 logged once, not twice
@@ -201,6 +203,7 @@ def test_a_compiled_run_saves_a_model_that_reloads_with_its_trained_weights(tmp_
     assert not any(key.startswith("_orig_mod") for key in saved)  # torch.compile's wrapper prefix
     checkpoint = load_file(out / "pretrain" / "checkpoints" / "checkpoint-00000002" / "model.safetensors")
     model = AutoModelForCausalLM.from_pretrained(out / "pretrain")
+    assert model.state_dict().keys() - {"lm_head.weight"} <= checkpoint.keys()  # tied head saved once
     for key, value in model.state_dict().items():
         if key in checkpoint:
             torch.testing.assert_close(value, checkpoint[key], rtol=0, atol=0, msg=key)

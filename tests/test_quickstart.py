@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -97,7 +98,7 @@ def test_the_push_is_one_commit_that_loads_where_pipeline_is_absent(quickstart) 
             "tokenizer_config.json", "README.md"} <= files
     # the root is the merged model; its LoRA adapter would need the local base, so it is not offered on top of it
     assert "stage.json" not in files and not any(f.startswith("adapter/") for f in files)
-    assert hub.commit_count(REPO) == 2  # the repo's creation, then the whole upload at once
+    assert hub.commit_count(REPO) == 2  # the repo's creation, then the whole upload at once (the first test to push)
     script = tmp_path / "load.py"
     script.write_text(
         "import sys, json, torch\n"
@@ -123,14 +124,17 @@ def test_the_push_is_one_commit_that_loads_where_pipeline_is_absent(quickstart) 
 
 def test_a_rerun_skips_finished_stages_and_a_change_reruns_only_what_depends_on_it(quickstart) -> None:
     hub, env, out, _, _ = quickstart
+    commits = hub.commit_count(REPO)
     again = run_pipeline(out, env)
     assert set(statuses(again).values()) == {"skipped (up to date)"}
-    assert hub.commit_count(REPO) == 2  # nothing pushed twice
-    changed = run_pipeline(out, env, "finetune.train.learning_rate=1e-3")
+    assert hub.commit_count(REPO) == commits  # nothing pushed twice
+    copy = out.parent / "changed"  # the module's other tests keep reading the original run
+    shutil.copytree(out, copy)
+    changed = run_pipeline(copy, env, "finetune.train.learning_rate=1e-3")
     assert statuses(changed) == {"tokenizer": "skipped (up to date)", "pretrain": "skipped (up to date)",
                                  "finetune": "ran", "evaluate": "ran", "hub": "ran"}
-    assert hub.commit_count(REPO) == 3
-    assert list(out.glob("finetune.replaced-*"))  # the earlier adapter is kept, not overwritten
+    assert hub.commit_count(REPO) == commits + 1
+    assert list(copy.glob("finetune.replaced-*"))  # the earlier adapter is kept, not overwritten
 
 
 def test_a_push_without_network_fails_clearly_and_leaves_a_complete_folder(quickstart, tmp_path: Path) -> None:

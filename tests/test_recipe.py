@@ -41,7 +41,6 @@ model:
   rope_theta: 5.0e+5
   dropout: 0.1
   tie_word_embeddings: false
-  dtype: bfloat16
   attn_implementation: eager
 data:
   sources: [{name: data.txt, max_documents: 10}, {name: icd10cm, weight: 0.5}]
@@ -248,6 +247,9 @@ def test_bad_overrides_are_reported(workdir, override, expected):
 # --------------------------------------------------------------------------------------- malformed recipes
 
 MALFORMED = [
+    (MINIMAL + "  streaming: true\n  packing: false\n", ["data.streaming: needs packing: true"]),
+    (MINIMAL + "model: {attn_implementation: flash_attention_2}\n", ["pretrain.mixed_precision: is 'no' but flash_attention_2"]),
+    (MINIMAL + "model: {attn_implementation: flex_attention, dropout: 0.1}\n", ["model.dropout: must be 0 with flex_attention"]),
     # (recipe YAML, substrings the error must contain: the key path, what was expected / found, the fix)
     (MINIMAL + "pretrain: {lerning_rate: 1e-3}\n", ["pretrain.lerning_rate: unknown key", "Did you mean 'learning_rate'?"]),
     (MINIMAL + "pretrain: {lr: 1e-3}\n", ["pretrain.lr: unknown key", "Did you mean 'learning_rate'?"]),

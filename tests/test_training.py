@@ -73,6 +73,8 @@ def test_resume_after_a_stop_ends_exactly_like_an_uninterrupted_run(tmp_path: Pa
         shutil.rmtree(checkpoint)
     assert [p.name for p in list_checkpoints(stopped / "checkpoints")] == ["checkpoint-00000003"]
     resumed, w_resumed = run_in_process(stopped, max_steps=8, save_every=3, resume="auto")
+    # it really resumed: only steps 4-8 drew data (plus the loader's one-batch look-ahead), in the original order
+    assert resumed["seen"][: 5 * 4] == full["seen"][3 * 4: 8 * 4] and len(resumed["seen"]) <= 6 * 4
     assert_same_weights(w_resumed, w_full, rtol=0, atol=0)
     logged = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, 9))  # steps 4..8 logged once, not twice

@@ -181,6 +181,17 @@ def _effective_implementation(config: QuillConfig, output_attentions: bool) -> s
     return "eager" if output_attentions or implementation is None else implementation
 
 
+def _block_mask(allowed: torch.Tensor):
+    """A (B, 1, T, S) boolean mask as flex attention's BlockMask (dense masks crash its CPU path)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        return allowed[b, 0, q, kv]
+
+    batch, _, q_len, kv_len = allowed.shape
+    return create_block_mask(mask_mod, batch, None, q_len, kv_len, device=allowed.device)
+
+
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean "may attend" mask -> additive mask for eager softmax attention."""
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -375,6 +386,8 @@ class QuillModel(QuillPreTrainedModel):
         allowed = allowed | (key_pos[None, :] == query_pos[:, None])[None, None]
         if implementation == "sdpa":
             return allowed
+        if implementation == "flex_attention":
+            return _block_mask(allowed.expand(inputs_embeds.shape[0], -1, -1, -1))
         return _additive(allowed, inputs_embeds.dtype)
 
 
