@@ -169,6 +169,7 @@ def test_a_recipe_under_two_cpu_ranks_trains_like_one_process(tmp_path: Path) ->
     one = [json.loads(line) for line in (single / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in ddp] == [r["step"] for r in one]
     for a, b in zip(ddp, one):
+        assert a.get("eval_tokens") == b.get("eval_tokens")  # no sample evaluated twice to even out batches
         for key in ("loss", "lr", "eval_loss", "eval_bits_per_byte"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
@@ -207,3 +208,41 @@ def test_a_compiled_run_saves_a_model_that_reloads_with_its_trained_weights(tmp_
     for key, value in model.state_dict().items():
         if key in checkpoint:
             torch.testing.assert_close(value, checkpoint[key], rtol=0, atol=0, msg=key)
+
+
+def test_existing_tokenizer_and_model_are_used_instead_of_built(pretrained, tmp_path: Path) -> None:
+    source, _ = pretrained
+    out = tmp_path / "continued"
+    recipe = tiny_recipe(out, tokenizer={"path": str(source / "tokenizer")},
+                         model={"path": str(source / "pretrain"), "hidden_size": 64},  # ignored: the model exists
+                         pretrain={"max_steps": 2, "warmup_steps": 1, "eval_every": 2, "save_every": 2})
+    run_recipe(recipe_from_dict(recipe), log=lambda _: None)
+    assert (out / "tokenizer" / "tokenizer.json").read_bytes() == (source / "tokenizer" / "tokenizer.json").read_bytes()
+    assert not (out / "tokenizer" / "fertility.json").exists()  # nothing was trained
+    continued = AutoModelForCausalLM.from_pretrained(out / "pretrain")
+    original = AutoModelForCausalLM.from_pretrained(source / "pretrain")
+    assert continued.config.hidden_size == original.config.hidden_size == 32
+    # training continued from the given weights: two small steps away from them, far from a fresh init
+    drift = (continued.model.embed_tokens.weight - original.model.embed_tokens.weight).abs().max().item()
+    assert 0 < drift < 0.05
+
+
+def test_dry_run_prints_the_resolved_recipe_and_plan_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.recipe import load_recipe, recipe_to_dict
+    from pipeline.runner import plan
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "never-written"
+    args = ["run", str(root / "recipes" / "quickstart.yaml"), f"output_dir={out}", "pretrain.max_steps=70", "--dry-run"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    recipe_text, plan_text = printed.split("# plan\n")
+    recipe = load_recipe(root / "recipes" / "quickstart.yaml", [f"output_dir={out}", "pretrain.max_steps=70"])
+    assert yaml.safe_load(recipe_text) == recipe_to_dict(recipe)
+    planned = json.loads(plan_text)
+    assert planned == json.loads(json.dumps(plan(recipe)))
+    assert planned["pretrain"]["tokens"] == 70 * 16 * 128 and planned["parameters"] > 1_000_000
+    assert not out.exists()
