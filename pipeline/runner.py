@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
 from pipeline.recipe import Recipe, TrainSection, dump_recipe, section_hash
 from pipeline.training import build_accelerator, seed_everything
@@ -91,7 +93,8 @@ def run_recipe(
         if not enabled(recipe, stage):
             outcomes.append(StageOutcome(stage, "disabled", folder))
             continue
-        if is_up_to_date(recipe, stage):
+        # Decided by the main process for all: ranks must agree on running a stage (its collectives) or not.
+        if broadcast_object_list([is_up_to_date(recipe, stage)])[0]:
             log(f"[{stage}] up to date, skipped ({folder})")
             outcomes.append(StageOutcome(stage, "skipped (up to date)", folder))
             continue
@@ -106,6 +109,7 @@ def run_recipe(
         _stage_function(stage)(recipe, accelerator)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            _fsync_files(folder)  # the artefact is on disk before the marker says it is complete
             _write_marker(folder, digest, complete=True)
         outcomes.append(StageOutcome(stage, "ran", folder, time.perf_counter() - start))
         log(f"[{stage}] done in {outcomes[-1].seconds:.1f}s")
@@ -146,6 +150,13 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
         return json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return None
+
+
+def _fsync_files(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _write_marker(folder: Path, digest: str, complete: bool) -> None:
