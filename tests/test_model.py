@@ -468,8 +468,10 @@ def test_transformers_text_generation_pipeline_runs_our_model() -> None:
     ids = tokenizer("to be or", return_tensors="pt")["input_ids"]
     expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out[0]["generated_text"] == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
-    batch = generator(["to be or", "the question"], max_new_tokens=4, do_sample=False, batch_size=2)
-    assert len(batch) == 2 and all(row[0]["generated_text"] for row in batch)
+    prompts = ["to be or", "the question is whether"]
+    batch = generator(prompts, max_new_tokens=4, do_sample=False, batch_size=2, return_full_text=False)
+    one_by_one = [generator(p, max_new_tokens=4, do_sample=False, return_full_text=False) for p in prompts]
+    assert [row[0]["generated_text"] for row in batch] == [row[0]["generated_text"] for row in one_by_one]
 
 
 def test_flex_attention_inference_matches_eager_with_and_without_padding() -> None:
