@@ -173,3 +173,24 @@ def test_without_a_merge_the_upload_is_the_base_with_its_adapter(quickstart, tmp
     card = (upload / "README.md").read_text()
     assert 'PeftModel.from_pretrained(base, repo, subfolder="adapter"' in card
     assert "base = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, revision=revision)" in card
+
+
+def test_evaluation_under_two_cpu_ranks_reports_what_one_process_reports(quickstart) -> None:
+    _, env, out, _, _ = quickstart
+    copy = out.parent / "two-ranks"
+    shutil.copytree(out, copy)
+    (copy / "eval" / "stage.json").unlink()  # make the evaluate stage run again, on two ranks
+    offline = {k: v for k, v in env.items() if k != "HF_ENDPOINT"} | {"HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "recipes" / "accelerate" / "cpu-2proc.yaml"), "--main_process_port", "0",
+               "-m", "pipeline", "run", str(ROOT / "recipes" / "quickstart.yaml"), f"output_dir={copy}", *SMALL,
+               "hub.push=true", f"hub.repo_id={REPO}", "--stages", "evaluate", "--num-processes", "2"]
+    result = subprocess.run(command, env=offline, cwd=copy.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one = json.loads((out / "eval" / "report.json").read_text())
+    two = json.loads((copy / "eval" / "report.json").read_text())
+    for name in ("general", "domain"):
+        for model in ("base", "tuned"):
+            assert two[name][model]["tokens"] == one[name][model]["tokens"]  # every document scored exactly once
+            assert two[name][model]["perplexity"] == pytest.approx(one[name][model]["perplexity"], rel=1e-5)
+    assert two["tasks"]["generation"]["tuned"] == pytest.approx(one["tasks"]["generation"]["tuned"])
