@@ -861,6 +861,8 @@ def _plot(report: dict[str, Any], folder: Path) -> list[str]:
             bars = ax.bar(positions + (i - (len(models) - 1) / 2) * width, values, width, label=model)
             ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_xticks(positions, list(groups))
+        if stem == "perplexity":  # base and tuned differ by orders of magnitude across domains
+            ax.set_yscale("log")
         ax.set_title(title)
         ax.legend()
         ax.grid(axis="y", alpha=0.3)
