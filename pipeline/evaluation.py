@@ -61,7 +61,7 @@ from pipeline.data import IGNORE_INDEX, collate, load_corpus
 from pipeline.finetune import base_location, load_base, load_tokenizer
 from pipeline.metrics import load_metric
 from pipeline.recipe import DataSection, GenerationSection, Recipe, SourceSection
-from pipeline.sources import SourceSpec, load_source
+from pipeline.sources import load_source
 from pipeline.training import seed_everything
 
 __all__ = [
@@ -256,7 +256,7 @@ def _load_data(recipe: Recipe, plan: _Plan, tokenizer: PreTrainedTokenizerBase, 
 def _splits(section: DataSection, seed: int) -> tuple[Dataset | IterableDataset, Dataset]:
     """(train, validation) exactly as the training stages split ``section``: same sources, seed and caps."""
     return load_corpus(
-        [SourceSpec(**vars(source)) for source in section.sources], seed=seed,
+        section.sources, seed=seed,
         validation_fraction=section.validation_fraction, max_documents=section.max_documents,
         streaming=section.streaming,
     )
@@ -265,7 +265,7 @@ def _splits(section: DataSection, seed: int) -> tuple[Dataset | IterableDataset,
 def _dedicated_texts(sources: list[SourceSection], cap: int | None) -> Dataset:
     """The documents of evaluation-only sources (``evaluate.general`` / ``domain``): all of them, or ``cap`` evenly
     spaced over their concatenation, so each source keeps its share."""
-    parts = [load_source(SourceSpec(**vars(source))) for source in sources]
+    parts = [load_source(source) for source in sources]
     return _evenly(concatenate_datasets([part.select_columns(["text"]) for part in parts]), cap)
 
 

@@ -60,7 +60,6 @@ from transformers import (
 from pipeline.data import IGNORE_INDEX, collate, load_corpus, token_byte_lengths
 from pipeline.pretrain import block_loaders
 from pipeline.recipe import LoraSection, Recipe
-from pipeline.sources import SourceSpec
 from pipeline.tokenizer import tokenizer_fingerprint
 from pipeline.training import TrainResult, seed_everything, train
 
@@ -435,7 +434,7 @@ def _load_documents(recipe: Recipe, accelerator: Accelerator) -> tuple[Dataset, 
             "(streaming is for task causal_lm)."
         )
     with accelerator.main_process_first():
-        return load_corpus([SourceSpec(**vars(source)) for source in data.sources], seed=recipe.seed,
+        return load_corpus(data.sources, seed=recipe.seed,
                            validation_fraction=data.validation_fraction, max_documents=data.max_documents)
 
 

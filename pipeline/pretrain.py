@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from pipeline.data import collate, load_corpus, token_byte_lengths, tokenize_and_pack
 from pipeline.models.quill import QuillConfig, QuillForCausalLM
 from pipeline.recipe import DataSection, ModelSection, Recipe, TrainSection
-from pipeline.sources import SourceSpec
 from pipeline.training import TrainResult, train
 
 def quill_config(section: ModelSection, tokenizer: PreTrainedTokenizerBase) -> QuillConfig:
@@ -72,10 +71,9 @@ def block_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders of packed (or single-document) blocks. Tokenization runs on the main process
     first; the other ranks then read its cache files instead of tokenizing again."""
-    sources = [SourceSpec(**vars(source)) for source in data.sources]
     with accelerator.main_process_first():
         train_docs, validation_docs = load_corpus(
-            sources, seed=seed, validation_fraction=data.validation_fraction, max_documents=data.max_documents,
+            data.sources, seed=seed, validation_fraction=data.validation_fraction, max_documents=data.max_documents,
             streaming=data.streaming, validation_documents=data.validation_documents,
         )
         pack = partial(

@@ -32,7 +32,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,11 +128,14 @@ def load_source(spec: SourceLike) -> datasets.Dataset | datasets.IterableDataset
 
 
 def as_source_spec(spec: SourceLike) -> SourceSpec:
-    """A `SourceSpec` from a spec, a name or a mapping of its fields."""
+    """A `SourceSpec` from a spec, a name, a mapping of its fields or a dataclass holding them (a recipe's
+    `SourceSection`)."""
     if isinstance(spec, SourceSpec):
         return spec
     if isinstance(spec, str):
         return SourceSpec(name=spec)
+    if is_dataclass(spec) and not isinstance(spec, type):
+        spec = asdict(spec)
     if isinstance(spec, Mapping):
         known = [f.name for f in fields(SourceSpec)]
         for key in spec:

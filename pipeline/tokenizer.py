@@ -217,7 +217,6 @@ def run_tokenizer_stage(recipe: Any, accelerator: Any) -> PreTrainedTokenizerBas
     there, or a byte-level BPE trained on the TRAINING documents of `tokenizer.sources` (the held-out ones stay
     unseen) with its fertility on the held-out documents in `fertility.json`."""
     from pipeline.data import load_corpus  # data imports this module: import at call time
-    from pipeline.sources import SourceSpec
 
     section, folder = recipe.tokenizer, recipe.output_dir / "tokenizer"
     report = None
@@ -226,7 +225,7 @@ def run_tokenizer_stage(recipe: Any, accelerator: Any) -> PreTrainedTokenizerBas
     else:
         with accelerator.main_process_first():
             train_docs, held_out = load_corpus(
-                [SourceSpec(**vars(s)) for s in section.sources], seed=recipe.seed,
+                section.sources, seed=recipe.seed,
                 validation_fraction=recipe.data.validation_fraction, max_documents=section.max_documents,
             )
         if accelerator.is_main_process:
