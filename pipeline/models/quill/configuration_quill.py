@@ -50,7 +50,7 @@ class QuillConfig(PretrainedConfig):
     """
 
     model_type = "quill"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

@@ -8,10 +8,14 @@ This file is exported next to the weights and loaded with ``trust_remote_code=Tr
 ``pipeline`` package is absent, so it imports only torch, transformers' stable public API and
 ``.configuration_quill``. Masks are built here rather than with transformers' mask helpers, whose signatures
 changed within 5.x.
+The KV cache is called ``cache`` from transformers 5.24 on and ``past_key_values`` before: the model accepts both
+and returns it under the name the installed version's output classes declare.
 Shapes in comments: B batch, T query length, S key length (cache + T), H heads, K key/value heads, D head dim.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,25 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_quill import QuillConfig
+
+# The output field that holds the KV cache: `cache` from transformers 5.24, `past_key_values` before. `generate()`
+# reads the cache back from the model's output under this name, so returning it under the other one loses it.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache under either name (`generate()` passes `cache=` from transformers 5.24, `past_key_values=` before)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the KV cache once, as `cache` (transformers >= 5.24) or `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+def _cache_capacity(cache: Cache | None) -> int | None:
+    """Slots of a fixed-size (static) cache, whose keys always come back at full length; None for a growing cache."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not getattr(layers[0], "is_compileable", False):
+        return None
+    return layers[0].max_cache_len
 
 
 class QuillRMSNorm(nn.Module):
@@ -145,10 +168,13 @@ class QuillAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
+        cache_slots: torch.Tensor | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`cache_slots` (T,) are the cache positions the new keys go to; static caches of transformers < 5.24 need
+        them (later versions track the position themselves and ignore them)."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
@@ -156,8 +182,8 @@ class QuillAttention(nn.Module):
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, K, T, D)
         if position_embeddings is not None:  # RoPE; absolute encodings were added to the embeddings instead
             query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)  # (B, K, S, D)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx, {"cache_position": cache_slots})  # (B, K, S, D)
 
         implementation = _effective_implementation(self.config, output_attentions)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
@@ -231,7 +257,7 @@ class QuillDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         output_attentions: bool = False,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -239,7 +265,7 @@ class QuillDecoderLayer(GradientCheckpointingLayer):
             self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
-            past_key_values=past_key_values,
+            cache=cache,
             output_attentions=output_attentions,
             **kwargs,
         )
@@ -253,7 +279,7 @@ class QuillPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["QuillDecoderLayer"]  # FSDP wraps, and device maps split, at block boundaries
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -293,10 +319,13 @@ class QuillModel(QuillPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
-        """`attention_mask` (B, S) marks real tokens (1) and padding (0). Without it, `position_ids` that restart
-        at 0 inside a row mark packed documents, which then do not attend to each other (as in transformers)."""
+        """`attention_mask` is (B, S) with 1 for real tokens and 0 for padding, or a ready (B, 1, T, S) mask (boolean
+        "may attend", or additive). Without it, `position_ids` that restart at 0 inside a row mark packed documents,
+        which then do not attend to each other (as in transformers). The KV cache comes as `cache` or
+        `past_key_values`."""
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -306,16 +335,23 @@ class QuillModel(QuillPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        cache = _one_cache(cache, past_key_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         seq_length = inputs_embeds.shape[1]
-        packed_documents = attention_mask is None and position_ids is not None and past_length == 0
+        capacity = _cache_capacity(cache)
+        past_length = cache.get_seq_length() if cache is not None else 0  # a tensor for static caches
+        cache_slots = kwargs.pop("cache_position", None)  # transformers < 5.24 still passes it
+        if cache_slots is None:
+            cache_slots = torch.arange(seq_length, device=inputs_embeds.device) + past_length  # (T,)
         if position_ids is None:
-            position_ids = torch.arange(past_length, past_length + seq_length, device=inputs_embeds.device)[None]
+            position_ids = cache_slots[None]
+        packed_documents = attention_mask is None and position_ids is not None and capacity is None and past_length == 0
         implementation = _effective_implementation(self.config, output_attentions)
-        mask = self._attention_mask(implementation, attention_mask, position_ids, packed_documents, inputs_embeds, past_length)
+        key_length = capacity if capacity is not None else past_length + seq_length
+        mask = _attention_mask(implementation, attention_mask, position_ids, packed_documents, cache_slots, key_length,
+                               capacity is not None, inputs_embeds)
 
         hidden_states = inputs_embeds
         position_embeddings = None
@@ -336,7 +372,8 @@ class QuillModel(QuillPreTrainedModel):
                 hidden_states,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
+                cache_slots=cache_slots,
                 output_attentions=output_attentions,
                 position_ids=position_ids,  # flash-attention uses it to find packed documents
                 **kwargs,
@@ -349,46 +386,57 @@ class QuillModel(QuillPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def _attention_mask(
-        self,
-        implementation: str,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        packed_documents: bool,
-        inputs_embeds: torch.Tensor,
-        past_length: int,
-    ) -> torch.Tensor | None:
-        """The mask each attention kernel wants: None where a fused causal kernel suffices, the 2-D padding mask for
-        flash-attention, a boolean (B, 1, T, S) "may attend" mask for sdpa, an additive one for eager/flex."""
-        seq_length = inputs_embeds.shape[1]
-        has_padding = attention_mask is not None and not bool(attention_mask.all())
-        if implementation.startswith("flash"):
-            return attention_mask if has_padding else None  # packed documents travel as position_ids
-        if not has_padding and not packed_documents and implementation == "sdpa" and (past_length == 0 or seq_length == 1):
-            return None  # sdpa's is_causal path: no mask tensor, fastest kernel
 
-        device = inputs_embeds.device
-        query_pos = torch.arange(past_length, past_length + seq_length, device=device)
-        key_pos = torch.arange(past_length + seq_length, device=device)
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None]  # causal, (1, 1, T, S)
+def _attention_mask(
+    implementation: str,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    packed_documents: bool,
+    query_slots: torch.Tensor,
+    key_length: int,
+    fixed_size_cache: bool,
+    inputs_embeds: torch.Tensor,
+):
+    """The mask each attention kernel wants: None where a fused causal kernel suffices, the 2-D padding mask for
+    flash-attention, a boolean (B, 1, T, S) "may attend" mask for sdpa, an additive one for eager, a BlockMask for
+    flex. Query t sits at cache slot `query_slots[t]`; the keys are cache slots 0..S-1. Every branch depends on
+    shapes and settings only, never on tensor values, so the forward traces under torch.compile and torch.export."""
+    seq_length = inputs_embeds.shape[1]
+    if implementation.startswith("flash"):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError("flash-attention takes a 2-D padding mask; use sdpa or eager for a 4-D attention mask")
+        return attention_mask  # None for unpadded input; packed documents travel as position_ids
+    # sdpa's own causal handling needs no mask tensor (its fastest kernel) when every key slot is real: with no cache
+    # or a growing one, for a whole sequence (is_causal) or one new token (which may see everything).
+    every_slot_real = not fixed_size_cache and (key_length == seq_length or seq_length == 1)
+    if attention_mask is None and not packed_documents and implementation == "sdpa" and every_slot_real:
+        return None
+
+    key_slots = torch.arange(key_length, device=inputs_embeds.device)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        allowed = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
+    else:
+        allowed = (key_slots[None, :] <= query_slots[:, None])[None, None]  # causal, (1, 1, T, S)
         if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, None, : key_pos.numel()].bool()
+            padding = attention_mask.bool()[:, :key_length]  # (B, tokens so far); unfilled static slots are causal-masked
+            padding = F.pad(padding, (0, key_length - padding.shape[-1]), value=False)
+            allowed = allowed & padding[:, None, None, :]
         if packed_documents:
             document = torch.cumsum(position_ids == 0, dim=-1)  # (B, T): a new document starts at each position 0
             allowed = allowed & (document[:, None, :, None] == document[:, None, None, :])
-        # A padding query may attend nothing; letting it see itself avoids NaNs from an all-masked softmax row.
-        allowed = allowed | (key_pos[None, :] == query_pos[:, None])[None, None]
-        if implementation == "sdpa":
-            return allowed
-        if implementation == "flex_attention":
-            return _block_mask(allowed.expand(inputs_embeds.shape[0], -1, -1, -1))
-        return _additive(allowed, inputs_embeds.dtype)
+    # A padding query may attend nothing; letting it see itself avoids NaNs from an all-masked softmax row.
+    allowed = allowed | (key_slots[None, :] == query_slots[:, None])[None, None]
+    if implementation == "sdpa":
+        return allowed
+    if implementation == "flex_attention":
+        return _block_mask(allowed.expand(inputs_embeds.shape[0], -1, -1, -1))
+    return _additive(allowed, inputs_embeds.dtype)
 
 
 class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
@@ -429,16 +477,20 @@ class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """`labels` are the input ids (shifted inside the loss); -100 marks positions without a target.
+        `shift_labels` are targets already aligned with the positions (label t is what position t predicts), as
+        sequence- and context-parallel training hands them over; they take the place of `labels`.
         `num_items_in_batch` is the number of target tokens in the whole accumulation window: the loss is then a sum
         divided by it, so gradient accumulation over uneven micro-batches matches one big batch."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -451,23 +503,29 @@ class QuillForCausalLM(QuillPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
 
         loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, num_items_in_batch)
+        if labels is not None or shift_labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return output if return_dict is not False else output.to_tuple()
 
 
 def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    shift_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Next-token cross-entropy: position t predicts labels[t + 1]; -100 targets are ignored. In fp32 for stability."""
-    shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
+    """Next-token cross-entropy: position t predicts labels[t + 1] (or shift_labels[t]); -100 targets are ignored.
+    In fp32 for stability."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    shift_labels = shift_labels.to(logits.device)
     logits = logits.float().reshape(-1, logits.shape[-1])
     if num_items_in_batch is None:
         # A micro-batch with no target at all would be 0/0 with mean reduction: return a graph-connected zero.
