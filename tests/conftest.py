@@ -30,3 +30,11 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def trained_lm(tmp_path_factory):
+    """A tiny Quill trained on Shakespeare (see trained_lm.py). Tests must not modify `trained_lm.model`."""
+    from trained_lm import build
+
+    return build(tmp_path_factory.mktemp("trained-lm"))
