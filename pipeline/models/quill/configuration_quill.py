@@ -109,6 +109,7 @@ class QuillConfig(PretrainedConfig):
         self.embedding_dropout = embedding_dropout
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        self._refuse_rope_scaling(kwargs)
         self._validate()
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(
@@ -118,6 +119,18 @@ class QuillConfig(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+    @staticmethod
+    def _refuse_rope_scaling(kwargs: dict) -> None:
+        """Quill's RoPE is the plain one (`rope_theta` only). A scaling request (linear, dynamic, YaRN, ...) would be
+        stored and silently ignored by the model, so it is refused instead."""
+        for key in ("rope_scaling", "rope_parameters"):
+            value = kwargs.get(key)
+            if isinstance(value, dict) and value.get("rope_type", value.get("type", "default")) != "default":
+                raise ValueError(
+                    f"{key}={value!r}: Quill implements plain RoPE only (set rope_theta to change its base); "
+                    "remove the scaling, or export the model as Llama to use transformers' RoPE scaling"
+                )
 
     def _validate(self) -> None:
         """Reject impossible shapes here, with the fix, instead of as a reshape error deep in forward."""

@@ -16,6 +16,7 @@ Shapes in comments: B batch, T query length, S key length (cache + T), H heads, 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,10 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     """The KV cache under either name (`generate()` passes `cache=` from transformers 5.24, `past_key_values=` before)."""
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("Pass the KV cache once, as `cache` (transformers >= 5.24) or `past_key_values`, not both")
+    if past_key_values is not None and CACHE_FIELD == "cache":
+        # As transformers' own models do from 5.24 on (its common test `test_bc_cache_name_forward` checks this).
+        warnings.warn("`past_key_values` is deprecated from transformers 5.24 on: pass the KV cache as `cache`",
+                      FutureWarning, stacklevel=3)
     return cache if cache is not None else past_key_values
 
 
@@ -345,9 +350,10 @@ class QuillModel(QuillPreTrainedModel):
         cache_slots = kwargs.pop("cache_position", None)  # transformers < 5.24 still passes it
         if cache_slots is None:
             cache_slots = torch.arange(seq_length, device=inputs_embeds.device) + past_length  # (T,)
+        # Only caller-given position_ids can mark packed documents (the default ones never restart).
+        packed_documents = attention_mask is None and position_ids is not None and capacity is None and past_length == 0
         if position_ids is None:
             position_ids = cache_slots[None]
-        packed_documents = attention_mask is None and position_ids is not None and capacity is None and past_length == 0
         implementation = _effective_implementation(self.config, output_attentions)
         key_length = capacity if capacity is not None else past_length + seq_length
         mask = _attention_mask(implementation, attention_mask, position_ids, packed_documents, cache_slots, key_length,
