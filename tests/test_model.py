@@ -21,6 +21,15 @@ from transformers import (
 )
 
 import pipeline  # noqa: F401  (registers the Auto classes)
+from generation_checks import (
+    CONTEXT_MARGIN,
+    SCORE_ATOL,
+    assert_depends_on_context,
+    assert_same_generation,
+    cache_of,
+    greedy,
+    left_pad,
+)
 from pipeline.models.quill import (
     QuillConfig,
     QuillForCausalLM,
@@ -57,6 +66,27 @@ def random_ids(batch: int, length: int) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length))
 
 
+def context_lm(**overrides) -> QuillForCausalLM:
+    """A random model whose outputs depend on their context: at the default 0.02 initialisation the last logits barely
+    move when an early token changes (sinusoidal: by ~3e-5), so an equivalence test on it could not fail."""
+    overrides.setdefault("initializer_range", 0.3)
+    return tiny_lm(**overrides)
+
+
+POSITIONS = ["rope", "learned", "sinusoidal"]
+ATTENTIONS = ["sdpa", "eager"]
+positions_and_attention = pytest.mark.parametrize(
+    ("position_embedding_type", "attn_implementation"), [(p, a) for p in POSITIONS for a in ATTENTIONS]
+)
+
+
+def context_lm_with(position_embedding_type: str, attn_implementation: str, **overrides) -> QuillForCausalLM:
+    model = context_lm(position_embedding_type=position_embedding_type, **overrides)
+    model.set_attn_implementation(attn_implementation)
+    assert model.config._attn_implementation == attn_implementation  # transformers refuses silently for some files
+    return model
+
+
 # ---------------------------------------------------------------------------------------------- config
 def test_config_uses_transformers_field_names_and_defaults_to_llama_style() -> None:
     config = QuillConfig(hidden_size=96, num_attention_heads=6)
@@ -80,6 +110,8 @@ def _transformers_model_types() -> set[str]:
         (dict(position_embedding_type="alibi"), "position_embedding_type"),
         (dict(mlp_type="moe"), "mlp_type"),
         (dict(hidden_size=30, num_attention_heads=10), "even head_dim"),
+        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "plain RoPE only"),
+        (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "plain RoPE only"),
     ],
 )
 def test_config_rejects_impossible_shapes(overrides: dict, message: str) -> None:
@@ -138,6 +170,34 @@ def test_loss_with_num_items_in_batch_is_a_sum_over_the_accumulation_window() ->
     n_targets = 2 * 8
     out = model(ids, labels=ids, num_items_in_batch=torch.tensor(40))
     torch.testing.assert_close(out.loss * 40 / n_targets, model(ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 40])
+def test_pre_shifted_labels_give_the_loss_of_labels(num_items_in_batch: int | None) -> None:
+    """`shift_labels` (label t is what position t predicts, as context-parallel training hands them over) give the loss
+    `labels` give, which is the hand-computed cross-entropy: a mean over targets, or a sum / num_items_in_batch."""
+    model = tiny_lm()
+    ids = random_ids(2, 9)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1, -2:] = -100
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # labels[:, 1:], padded back to the sequence length
+    kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": torch.tensor(num_items_in_batch)}
+    from_labels = model(ids, labels=labels, **kwargs)
+    from_shifted = model(ids, shift_labels=shift_labels, **kwargs)
+    logits = from_labels.logits.float()
+    terms = [-torch.log_softmax(logits[b, t], -1)[shift_labels[b, t]]
+             for b in range(2) for t in range(9) if shift_labels[b, t] != -100]
+    assert len(terms) == 11
+    expected = torch.stack(terms).sum() / (len(terms) if num_items_in_batch is None else num_items_in_batch)
+    assert from_shifted.loss is not None
+    torch.testing.assert_close(from_labels.loss, expected)
+    torch.testing.assert_close(from_shifted.loss, expected)
+    # shift_labels take the place of labels: labels passed alongside do not count
+    torch.testing.assert_close(model(ids, labels=torch.full_like(ids, 5), shift_labels=shift_labels, **kwargs).loss,
+                               expected)
+    # and the comparison can fail: unshifted labels as shift_labels give another loss
+    assert not torch.allclose(model(ids, shift_labels=labels, **kwargs).loss, expected)
 
 
 def test_all_masked_labels_give_zero_loss_not_nan() -> None:
@@ -226,45 +286,87 @@ def test_exported_model_code_imports_nothing_from_pipeline() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def test_greedy_generation_with_kv_cache_equals_generation_without() -> None:
-    model = tiny_lm()
+@positions_and_attention
+def test_greedy_generation_with_kv_cache_equals_generation_without(position_embedding_type: str,
+                                                                    attn_implementation: str) -> None:
+    model = context_lm_with(position_embedding_type, attn_implementation)
     prompt = random_ids(2, 6)
-    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
-    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert_depends_on_context(model, prompt)
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True, eos_token_id=None)
+    uncached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False, eos_token_id=None)
     assert cached.shape == (2, 18)
     assert torch.equal(cached, uncached)
+    assert_same_generation(greedy(model, prompt, max_new_tokens=12, use_cache=True),
+                           greedy(model, prompt, max_new_tokens=12, use_cache=False), atol=SCORE_ATOL)
 
 
-def test_cached_forward_matches_full_forward_position_by_position() -> None:
-    model = tiny_lm()
+@positions_and_attention
+def test_static_cache_generation_equals_dynamic_cache_generation(position_embedding_type: str,
+                                                                 attn_implementation: str) -> None:
+    model = context_lm_with(position_embedding_type, attn_implementation)
+    prompts = [random_ids(1, n)[0] for n in (3, 7, 5)]
+    for prompt in prompts:
+        assert_depends_on_context(model, prompt[None])
+    input_ids, attention_mask = left_pad(prompts, model.config.pad_token_id)
+    for ids, mask in ((prompts[1][None], None), (input_ids, attention_mask)):
+        assert_same_generation(greedy(model, ids, mask, max_new_tokens=10, cache_implementation="static"),
+                               greedy(model, ids, mask, max_new_tokens=10, cache_implementation="dynamic"))
+
+
+def _cache(kind: str, model: QuillForCausalLM):
+    from transformers import DynamicCache, StaticCache
+
+    return DynamicCache(config=model.config) if kind == "dynamic" else StaticCache(config=model.config, max_cache_len=16)
+
+
+@positions_and_attention
+@pytest.mark.parametrize(("cache_kind", "cache_kwarg"),
+                         [("dynamic", "cache"), ("dynamic", "past_key_values"), ("static", "cache")])
+def test_cached_forward_matches_full_forward_position_by_position(position_embedding_type: str, attn_implementation: str,
+                                                                  cache_kind: str, cache_kwarg: str) -> None:
+    """Prefill 6 tokens, then feed one token at a time: the logits equal those of one forward over all 10. The cache
+    goes in under either name (transformers >= 5.24 passes `cache`, earlier versions `past_key_values`)."""
+    model = context_lm_with(position_embedding_type, attn_implementation)
     ids = random_ids(1, 10)
+    assert_depends_on_context(model, ids)
     full = model(ids).logits
-    out = model(ids[:, :6], use_cache=True)
+    cache = _cache(cache_kind, model)
+    out = model(ids[:, :6], use_cache=True, **{cache_kwarg: cache})
     step_logits = [out.logits]
-    cache = out.past_key_values
+    assert cache_of(out) is cache and cache.get_seq_length() == 6  # the cache passed in was filled and returned
     for t in range(6, 10):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(ids[:, t : t + 1], use_cache=True, **{cache_kwarg: cache})
+        assert cache_of(out) is cache  # the same cache object comes back, one token longer
         step_logits.append(out.logits)
+    assert cache.get_seq_length() == 10
     torch.testing.assert_close(torch.cat(step_logits, dim=1), full, rtol=1e-5, atol=1e-5)
+    # the comparison can fail: the last token without its cache predicts something clearly different
+    assert (model(ids[:, -1:]).logits[:, -1] - full[:, -1]).abs().max() > CONTEXT_MARGIN
 
 
-@pytest.mark.parametrize("position_embedding_type", ["rope", "learned", "sinusoidal"])
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("position_embedding_type", POSITIONS)
+@pytest.mark.parametrize("attn_implementation", ATTENTIONS)
 def test_batched_left_padded_generation_equals_one_by_one(position_embedding_type: str, attn_implementation: str) -> None:
     # large initial weights: a model at the default 0.02 repeats one token whatever it attends to
     model = tiny_lm(position_embedding_type=position_embedding_type, initializer_range=0.3, eos_token_id=None)
     model.set_attn_implementation(attn_implementation)
     assert model.config._attn_implementation == attn_implementation
     prompts = [random_ids(1, n)[0] for n in (3, 7, 5)]
+    for prompt in prompts:
+        assert_depends_on_context(model, prompt[None])
     width = max(len(p) for p in prompts)
     pad = model.config.pad_token_id
     input_ids = torch.stack([F.pad(p, (width - len(p), 0), value=pad) for p in prompts])
     attention_mask = torch.stack([F.pad(torch.ones_like(p), (width - len(p), 0)) for p in prompts])
     batched = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False, pad_token_id=pad)
-    for row, prompt in zip(batched, prompts):
+    batched_sequences, batched_scores = greedy(model, input_ids, attention_mask, max_new_tokens=8)
+    assert torch.equal(batched_sequences, batched)
+    for row, prompt in enumerate(prompts):
         single = model.generate(prompt[None], max_new_tokens=8, do_sample=False, pad_token_id=pad)[0]
-        assert torch.equal(row[width:], single[len(prompt):])
+        assert torch.equal(batched[row, width:], single[len(prompt):])
+        single_sequences, single_scores = greedy(model, prompt[None], max_new_tokens=8)
+        assert_same_generation((batched_sequences[row : row + 1, width:], batched_scores[row : row + 1]),
+                               (single_sequences[:, len(prompt):], single_scores), atol=SCORE_ATOL)
     # the test can fail: attending to the padding gives other tokens
     unmasked = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=8, do_sample=False,
                               pad_token_id=pad)
@@ -280,10 +382,12 @@ def _padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@pytest.mark.parametrize("position_embedding_type", POSITIONS)
 @pytest.mark.parametrize("with_padding", [False, True])
-def test_sdpa_and_eager_attention_agree(with_padding: bool) -> None:
-    model = tiny_lm()
+def test_sdpa_and_eager_attention_agree(with_padding: bool, position_embedding_type: str) -> None:
+    model = context_lm(position_embedding_type=position_embedding_type)
     ids, mask = _padded_batch()
+    assert_depends_on_context(model, ids)
     mask = mask if with_padding else None
     model.set_attn_implementation("sdpa")
     sdpa = model(ids, attention_mask=mask).logits
@@ -295,14 +399,19 @@ def test_sdpa_and_eager_attention_agree(with_padding: bool) -> None:
     torch.testing.assert_close(sdpa[keep], eager[keep], rtol=1e-4, atol=1e-5)
 
 
-def test_padding_does_not_change_the_real_tokens_outputs() -> None:
-    model = tiny_lm()
+@pytest.mark.parametrize("position_embedding_type", POSITIONS)
+def test_padding_does_not_change_the_real_tokens_outputs(position_embedding_type: str) -> None:
+    model = context_lm(position_embedding_type=position_embedding_type)
     ids = random_ids(1, 6)
+    assert_depends_on_context(model, ids)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]])
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(padded, attention_mask=mask, position_ids=position_ids).logits[:, 3:]
     torch.testing.assert_close(out, model(ids).logits, rtol=1e-5, atol=1e-5)
+    # the comparison can fail: without the mask the real tokens see the padding
+    unmasked = model(padded, attention_mask=torch.ones_like(mask), position_ids=position_ids)
+    assert not torch.allclose(unmasked.logits[:, 3:], model(ids).logits, atol=CONTEXT_MARGIN)
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
@@ -318,6 +427,36 @@ def test_packed_documents_do_not_attend_to_each_other(attn_implementation: str) 
     torch.testing.assert_close(out[:, 5:], model(b).logits, rtol=1e-5, atol=1e-5)
     # without the restart, the second document sees the first and its outputs change
     assert not torch.allclose(model(packed).logits[:, 5:], model(b).logits, atol=1e-4)
+
+
+class _LogitsOf(torch.nn.Module):
+    def __init__(self, model: QuillForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+@positions_and_attention
+def test_forward_exports_with_no_data_dependent_branch(position_embedding_type: str, attn_implementation: str) -> None:
+    """torch.export traces one graph; a Python branch on tensor values (e.g. `if mask.all()`) fails the export or bakes
+    the traced padding into the graph. The exported forward must equal eager on other ids and another padding."""
+    model = context_lm_with(position_embedding_type, attn_implementation)
+    ids, mask = random_ids(3, 10), torch.ones(3, 10, dtype=torch.long)
+    mask[0, :4] = 0  # traced with left padding in row 0 only
+    exported = torch.export.export(_LogitsOf(model), (ids, mask)).module()
+    other_ids, other_mask = random_ids(3, 10), torch.ones(3, 10, dtype=torch.long)
+    other_mask[1, :6] = 0  # left padding in another row
+    other_mask[2, 7:] = 0  # and right padding
+    for test_ids, test_mask in ((ids, mask), (other_ids, other_mask), (other_ids, torch.ones_like(other_mask))):
+        with torch.no_grad():
+            expected = _LogitsOf(model)(test_ids, test_mask)
+            torch.testing.assert_close(exported(test_ids, test_mask), expected, rtol=1e-5, atol=1e-5)
+    # the comparison can fail: the padding pattern changes the outputs
+    with torch.no_grad():
+        assert not torch.allclose(exported(other_ids, other_mask), exported(other_ids, torch.ones_like(other_mask)),
+                                  atol=CONTEXT_MARGIN)
 
 
 def test_attention_maps_and_hidden_states_are_returned() -> None:
@@ -464,6 +603,7 @@ def test_transformers_text_generation_pipeline_runs_our_model() -> None:
     tokenizer = train_tokenizer(["to be or not to be, that is the question. " * 20], vocab_size=300, min_frequency=1)
     model = tiny_lm(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                     eos_token_id=tokenizer.eos_token_id)
+    tokenizer.padding_side = "left"  # batched generation pads on the left (transformers < 5.24's pipeline does not set it)
     generator = hf_pipeline("text-generation", model=model, tokenizer=tokenizer)
     out = generator("to be or", max_new_tokens=6, do_sample=False, return_full_text=False)
     ids = tokenizer("to be or", return_tensors="pt")["input_ids"]
@@ -488,3 +628,22 @@ def test_flex_attention_inference_matches_eager_with_and_without_padding() -> No
         flex, flex_unpadded = model(ids, attention_mask=mask).logits, model(ids).logits
     torch.testing.assert_close(flex[keep], eager[keep], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(flex_unpadded, eager_unpadded, rtol=1e-4, atol=1e-5)
+
+
+def test_sdpa_gets_no_mask_tensor_when_causality_is_all_there_is(monkeypatch) -> None:
+    """Unpadded, unpacked input keeps sdpa on its mask-free causal kernel; restarting position_ids (packed
+    documents) and padding do build a mask. Guards the fast path, which a wrong test order once disabled."""
+    from pipeline.models.quill import modeling_quill
+
+    built = []
+    original = modeling_quill._attention_mask
+    monkeypatch.setattr(modeling_quill, "_attention_mask", lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    model = tiny_lm()
+    model.set_attn_implementation("sdpa")
+    ids = random_ids(2, 6)
+    model(input_ids=ids, use_cache=False)
+    assert built[-1] is None
+    model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]] * 2), use_cache=False)
+    assert built[-1] is not None and built[-1].shape == (2, 1, 6, 6)
+    model(input_ids=ids, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]), use_cache=False)
+    assert built[-1] is not None and not built[-1][0, 0, :, 0][1:].any()  # nobody attends the padding
