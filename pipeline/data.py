@@ -486,9 +486,10 @@ def collate(examples: list[dict[str, Any]], pad_token_id: int) -> dict[str, torc
 def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """(len(tokenizer),) LongTensor: how many UTF-8 bytes of text each token id stands for; 0 for special tokens.
 
-    For bits per byte, bpb = Σ NLL of target tokens (nats) / (ln 2 · Σ byte lengths of those tokens), which
-    is comparable across tokenizers. Exact for byte-level BPE, where every character of a vocabulary entry
-    stands for one byte: the bytes of a text's tokens sum to `len(text.encode("utf-8"))`.
+    For bits per byte, bpb = Σ NLL of the target tokens that stand for at least one byte (nats) / (ln 2 · Σ byte
+    lengths of those tokens), which is comparable across tokenizers; zero-byte targets (a closing EOS) are left
+    out. Exact for byte-level BPE, where every character of a vocabulary entry stands for one byte: the bytes of
+    a text's tokens sum to `len(text.encode("utf-8"))`.
     """
     backend = tokenizer.backend_tokenizer
     decoder = json.loads(backend.to_str()).get("decoder") or {}

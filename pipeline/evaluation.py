@@ -391,7 +391,11 @@ def language_model_metrics(
     is a target, predicted from the tokens before it in the document. A document longer than ``block_size`` is
     cut into windows of ``block_size`` tokens that overlap by one token, so each target is predicted exactly once
     (with at most ``block_size - 1`` tokens of context). Sums are pooled per document and passed to the local
-    ``perplexity`` and ``bits_per_byte`` metric modules; bytes are the UTF-8 bytes of the texts.
+    ``perplexity`` and ``bits_per_byte`` metric modules.
+
+    Perplexity and ``loss`` are per target token and include the closing EOS (the model must learn to stop).
+    Bits per byte is the standard one (as lm-evaluation-harness computes it): the NLL in bits of the text's own
+    tokens, over the UTF-8 bytes of the texts; the EOS stands for no byte of the text and is left out of it.
 
     ``model`` must be on ``accelerator.device``. Windows are split over the processes by the prepared loader and
     gathered with ``gather_for_metrics``.
@@ -405,18 +409,16 @@ def language_model_metrics(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked, any id works
     collate_fn = partial(_collate_windows, pad_token_id=pad_id)
     loader = accelerator.prepare(DataLoader(windows, batch_size=batch_size, collate_fn=collate_fn))
-    nll = torch.zeros(len(texts), dtype=torch.float64)
-    targets = torch.zeros(len(texts), dtype=torch.float64)
+    sums = torch.zeros(len(texts), 3, dtype=torch.float64)  # per document: NLL of all targets, targets, text NLL
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            per_window = accelerator.gather_for_metrics(_window_nll(model, batch)).cpu()  # (B, 3)
-            documents = per_window[:, 0].long()
-            nll.index_add_(0, documents, per_window[:, 1])
-            targets.index_add_(0, documents, per_window[:, 2])
+            per_window = accelerator.gather_for_metrics(_window_nll(model, batch)).cpu()  # (B, 4)
+            sums.index_add_(0, per_window[:, 0].long(), per_window[:, 1:])
+    nll, targets, text_nll = sums.T
     n_bytes = [len(text.encode("utf-8")) for text in texts]
     perplexity = _metric("perplexity").compute(nll_sum=nll.tolist(), n_tokens=targets.long().tolist())
-    bits_per_byte = _metric("bits_per_byte").compute(nll_sum=nll.tolist(), n_bytes=n_bytes)
+    bits_per_byte = _metric("bits_per_byte").compute(nll_sum=text_nll.tolist(), n_bytes=n_bytes)
     return {
         "perplexity": perplexity["perplexity"],
         "bits_per_byte": bits_per_byte["bits_per_byte"],
@@ -441,7 +443,8 @@ def _texts(texts_dataset: Dataset | Sequence[str], max_documents: int | None) ->
 
 
 def _windows(tokenizer: PreTrainedTokenizerBase, texts: list[str], block_size: int) -> list[dict[str, Any]]:
-    """Per document, windows of ``block_size`` tokens overlapping by one, longest first (less padding per batch)."""
+    """Per document, windows of ``block_size`` tokens overlapping by one, longest first (less padding per batch).
+    ``text`` marks the tokens of the text itself (not the added BOS and EOS): the targets counted in bits per byte."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("the tokenizer has neither a BOS nor an EOS token to start a document with")
@@ -449,25 +452,30 @@ def _windows(tokenizer: PreTrainedTokenizerBase, texts: list[str], block_size: i
     encoded = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     windows = []
     for document, ids in enumerate(encoded):
-        sequence = [start, *ids, *end]
+        sequence, text = [start, *ids, *end], [0, *[1] * len(ids), *[0] * len(end)]
         for offset in range(0, len(sequence) - 1, block_size - 1):
-            windows.append({"input_ids": sequence[offset : offset + block_size], "document": document})
+            window = slice(offset, offset + block_size)
+            windows.append({"input_ids": sequence[window], "text": text[window], "document": document})
     return sorted(windows, key=lambda window: -len(window["input_ids"]))
 
 
 def _collate_windows(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
     batch = collate(rows, pad_token_id)  # right-padded, labels -100 on padding
+    texts = [torch.tensor(row["text"]) for row in rows]
+    batch["text"] = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True)  # 0 on padding, like the labels
     batch["document"] = torch.tensor([row["document"] for row in rows])
     return batch
 
 
 def _window_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, 3) float64: document index, summed NLL (nats) and number of targets of each window."""
+    """(B, 4) float64 per window: document index, summed NLL (nats) of its targets, their number, and summed NLL
+    of the targets that are tokens of the text (for bits per byte)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
-    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none").sum(-1)
+    nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     count = (targets != IGNORE_INDEX).sum(-1)
-    return torch.stack([batch["document"].double(), nll.double(), count.double()], dim=-1)
+    text_nll = (nll * batch["text"][:, 1:]).sum(-1)
+    return torch.stack([batch["document"].double(), nll.sum(-1).double(), count.double(), text_nll.double()], dim=-1)
 
 
 @cache

@@ -84,30 +84,37 @@ def trained(tokenizer, texts) -> QuillForCausalLM:
 # ------------------------------------------------------------------------------------------ language modelling
 
 
-def hand_nll(model, tokenizer, text: str, block_size: int) -> tuple[float, int]:
-    """Σ NLL and number of targets of one document: windows of block_size tokens, each target predicted once."""
-    sequence = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-    total, count = 0.0, 0
+def hand_nll(model, tokenizer, text: str, block_size: int) -> tuple[float, int, float]:
+    """Σ NLL and number of targets of one document (windows of block_size tokens, each target predicted once), and
+    Σ NLL of the text's own targets: all but the closing EOS, which stands for no byte of the text."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    sequence = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    total, count, text_total = 0.0, 0, 0.0
     for start in range(0, len(sequence) - 1, block_size - 1):
         window = torch.tensor(sequence[start : start + block_size])
         with torch.no_grad():
             logits = model(input_ids=window[None]).logits[0]
-        total += F.cross_entropy(logits[:-1].double(), window[1:], reduction="sum").item()
+        nll = F.cross_entropy(logits[:-1].double(), window[1:], reduction="none")
+        total += nll.sum().item()
         count += len(window) - 1
-    return total, count
+        text_total += sum(value for j, value in enumerate(nll.tolist()) if start + 1 + j <= len(ids))  # not the EOS
+    return total, count, text_total
 
 
 def test_language_model_metrics_equal_a_hand_computation(trained, tokenizer, texts) -> None:
     block_size = 16  # shorter than most documents: they are scored in several windows
-    nll, count = map(sum, zip(*(hand_nll(trained, tokenizer, t, block_size) for t in texts)))
+    nll, count, text_nll = map(sum, zip(*(hand_nll(trained, tokenizer, t, block_size) for t in texts)))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     metrics = language_model_metrics(trained, tokenizer, texts, block_size=block_size, batch_size=3,
                                      accelerator=Accelerator(cpu=True))
     assert metrics["tokens"] == count == sum(len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in texts)
     assert metrics["documents"] == len(texts) and metrics["bytes"] == n_bytes
+    # Loss and perplexity are per target token, the closing EOS included (the model must learn to stop) ...
     assert metrics["loss"] == pytest.approx(nll / count, rel=1e-5)
     assert metrics["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
-    assert metrics["bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
+    # ... bits per byte is the text's tokens' NLL in bits over the text's bytes, without the EOS.
+    assert metrics["bits_per_byte"] == pytest.approx(text_nll / (math.log(2) * n_bytes), rel=1e-5)
+    assert metrics["bits_per_byte"] != pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-3)
     # The window size changes the context, not what is scored.
     wide = language_model_metrics(trained, tokenizer, texts, block_size=128, batch_size=4,
                                   accelerator=Accelerator(cpu=True), max_documents=5)
@@ -122,7 +129,8 @@ def test_a_uniform_model_has_perplexity_equal_to_the_vocabulary(tokenizer, texts
     vocab = len(tokenizer)
     assert metrics["perplexity"] == pytest.approx(vocab, rel=1e-6)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    assert metrics["bits_per_byte"] == pytest.approx(metrics["tokens"] * math.log2(vocab) / n_bytes, rel=1e-6)
+    text_targets = metrics["tokens"] - len(texts)  # all but each document's closing EOS
+    assert metrics["bits_per_byte"] == pytest.approx(text_targets * math.log2(vocab) / n_bytes, rel=1e-6)
 
 
 def test_a_model_trained_on_the_texts_has_lower_perplexity_than_an_untrained_one(trained, tokenizer, texts) -> None:

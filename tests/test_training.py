@@ -177,7 +177,7 @@ def test_a_launch_whose_world_differs_from_the_request_is_refused(tmp_path: Path
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
-def test_bits_per_byte_is_loss_over_bytes(tmp_path: Path) -> None:
+def test_bits_per_byte_is_the_text_targets_loss_over_their_bytes(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader
 
     from pipeline.training import evaluate_lm
@@ -187,19 +187,27 @@ def test_bits_per_byte_is_loss_over_bytes(tmp_path: Path) -> None:
     rows = train_tiny.dataset()[:6]
     loader = DataLoader(rows, batch_size=4, collate_fn=lambda ex: {
         "input_ids": torch.stack([e["input_ids"] for e in ex]), "labels": torch.stack([e["labels"] for e in ex])})
-    byte_lengths = torch.randint(1, 4, (train_tiny.VOCAB,))
+    byte_lengths = torch.randint(1, 4, (train_tiny.VOCAB,), generator=torch.Generator().manual_seed(0))
+    byte_lengths[3:9] = 0  # zero-byte ids, like special tokens (a closing EOS): targets for the loss, not for bpb
     metrics = evaluate_lm(model, loader, Accelerator(cpu=True), byte_lengths)
-    nll = tokens = n_bytes = 0.0
+    nll = tokens = text_nll = n_bytes = zero_byte_targets = 0.0
     for row in rows:  # by hand, one sequence at a time
         logits = model(row["input_ids"][None]).logits[0, :-1]
         for t, target in enumerate(row["labels"][1:].tolist()):
             if target != -100:
-                nll -= torch.log_softmax(logits[t], -1)[target].item()
+                loss = -torch.log_softmax(logits[t], -1)[target].item()
+                nll += loss
                 tokens += 1
-                n_bytes += byte_lengths[target].item()
+                if byte_lengths[target] > 0:
+                    text_nll += loss
+                    n_bytes += byte_lengths[target].item()
+                else:
+                    zero_byte_targets += 1
+    assert zero_byte_targets > 0 and text_nll < nll  # the two conventions differ on these rows
     assert metrics["eval_loss"] == pytest.approx(nll / tokens, rel=1e-5)
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
-    assert metrics["eval_bits_per_byte"] == pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-5)
+    assert metrics["eval_bits_per_byte"] == pytest.approx(text_nll / (math.log(2) * n_bytes), rel=1e-5)
+    assert metrics["eval_bits_per_byte"] != pytest.approx(nll / (math.log(2) * n_bytes), rel=1e-3)
     assert metrics["eval_tokens"] == tokens
 
 

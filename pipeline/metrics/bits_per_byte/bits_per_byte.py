@@ -18,7 +18,8 @@ over sequences. A model that spends log2(256) = 8 bits per byte does no better t
 
 _KWARGS_DESCRIPTION = """
 Args:
-    nll_sum (`list[float]`): per sequence, the summed negative log-likelihood of its scored tokens, in nats.
+    nll_sum (`list[float]`): per sequence, the summed negative log-likelihood, in nats, of the tokens that stand
+        for its text (the standard definition: not of a closing EOS or other special token, which covers no byte).
     n_bytes (`list[int]`): per sequence, the UTF-8 length of the text those tokens cover,
         `len(text.encode("utf-8"))`.
 
