@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import jsonschema
 import pytest
 import yaml
+from pydantic import BaseModel, Field
 
 from pipeline.recipe import (
+    PretrainSection,
     Recipe,
     RecipeError,
     TrainSection,
@@ -18,9 +21,12 @@ from pipeline.recipe import (
     from_dict,
     load_recipe,
     recipe_from_dict,
+    recipe_json_schema,
     recipe_to_dict,
     section_hash,
+    yaml12,
 )
+from pipeline.recipe.schema import Int, PathValue
 
 MINIMAL = "output_dir: out\ndata:\n  sources: [{name: data.txt}]\n"
 
@@ -103,6 +109,9 @@ def test_full_recipe_round_trips(workdir):
     assert recipe.model.position_embedding_type == "learned" and recipe.finetune.lora.modules_to_save == ["score"]
     assert recipe.evaluate.generation.prompts == ["E11", "1:30", "1e-4", "no"]
 
+    assert copy.deepcopy(recipe) == recipe and copy.deepcopy(recipe) is not recipe
+    assert recipe_to_dict(recipe.finetune.lora) == plain["finetune"]["lora"]  # a section alone, too
+
     dump_recipe(recipe, workdir / "run" / "recipe.yaml")
     assert load_recipe(workdir / "run" / "recipe.yaml") == recipe
     assert [p.name for p in (workdir / "run").iterdir()] == ["recipe.yaml"]  # no partial file left behind
@@ -181,12 +190,13 @@ def test_dumped_strings_that_look_like_numbers_stay_strings(workdir):
 
 
 def test_from_dict_converts_generic_annotations():
-    @dataclass(kw_only=True)
-    class Extra:
-        where: Path
-        counts: dict[str, int] = field(default_factory=dict)
+    """A caller's own model built from the recipe's scalar types gets the recipe's conversions and wording."""
+
+    class Extra(BaseModel):
+        where: PathValue
+        counts: dict[str, Int] = Field(default_factory=dict)
         anything: dict[str, Any] | None = None
-        tags: list[Literal["a", "b"]] = field(default_factory=list)
+        tags: list[Literal["a", "b"]] = Field(default_factory=list)
 
     value = from_dict(Extra, {"where": "~/x", "counts": {"n": "1e2"}, "anything": {"k": [1, "v"]}, "tags": ["b"]})
     assert value == Extra(where=Path.home() / "x", counts={"n": 100}, anything={"k": [1, "v"]}, tags=["b"])
@@ -288,6 +298,8 @@ MALFORMED = [
     (MINIMAL + "finetune: {task: causal_lm, num_labels: 3}\n", ["finetune.num_labels: is only used by task 'classification'"]),
     (MINIMAL + "finetune: {data: {sources: [{name: data.txt}], block_size: 1024}}\n", ["finetune.data.block_size: (1024) exceeds model.max_position_embeddings (512)"]),
     (MINIMAL + "pretrain: {enabled: false}\n", ["finetune.base: is not set and there is nothing to fine-tune"]),
+    # finetune.enabled is the one switch of fine-tuning: the training loop settings have none.
+    (MINIMAL + "finetune: {train: {enabled: false}}\n", ["finetune.train.enabled: unknown key", "Valid keys: max_steps"]),
     (MINIMAL + "pretrain: {enabled: false}\nfinetune: {enabled: false}\n", ["evaluate.enabled: is true but no model is trained or given"]),
     (MINIMAL + "evaluate: {few_shot: -1}\n", ["evaluate.few_shot: must be >= 0, got -1"]),
     (MINIMAL + "evaluate: {tasks: [perplexity, bleu]}\n", ["evaluate.tasks[1]: expected one of 'perplexity', 'classification', 'generation', got the string 'bleu'"]),
@@ -369,3 +381,81 @@ def test_section_hash_tracks_relevant_fields_only(workdir):
     assert section_hash(base, "finetune.lora") != section_hash(_load(MINIMAL + "finetune: {lora: {r: 4}}\n"), "finetune.lora")
     with pytest.raises(ValueError, match="Did you mean 'tokenizer'"):
         section_hash(base, "tokeniser")
+
+
+# --------------------------------------------------------------------------------------- stage switches
+
+
+def test_runs_is_the_one_answer_to_is_this_stage_on(workdir):
+    recipe = _load(MINIMAL)
+    assert isinstance(recipe.pretrain, PretrainSection) and not hasattr(recipe.finetune.train, "enabled")
+    assert [recipe.runs(stage) for stage in ("tokenizer", "pretrain", "finetune", "evaluate", "hub")] == [True] * 4 + [False]
+    off = _load(MINIMAL + "model: {path: gpt2}\npretrain: {enabled: false}\nfinetune: {enabled: false}\n"
+                "evaluate: {enabled: false}\nhub: {push: true, repo_id: someone/model}\n")
+    assert [off.runs(stage) for stage in ("tokenizer", "pretrain", "finetune", "evaluate", "hub")] == [True] * 1 + [False] * 3 + [True]
+    with pytest.raises(ValueError, match="unknown stage 'train'"):
+        recipe.runs("train")
+
+
+def test_disabled_finetune_skips_its_checks_and_defaults(workdir):
+    """finetune.enabled: false is enough: no flash-attention precision check for its loop (its data section is
+    still filled, as evaluation and the hub read it)."""
+    recipe = _load(MINIMAL + "model: {attn_implementation: flash_attention_2}\npretrain: {mixed_precision: bf16}\n"
+                   "finetune: {enabled: false}\n")
+    assert recipe.finetune.data == recipe.data
+    with pytest.raises(RecipeError, match=r"finetune\.train\.mixed_precision: is 'no' but flash_attention_2"):
+        _load(MINIMAL + "model: {attn_implementation: flash_attention_2}\npretrain: {mixed_precision: bf16}\n")
+
+
+# --------------------------------------------------------------------------------------- JSON schema
+
+SCHEMA_FILE = Path(__file__).resolve().parents[1] / "recipes" / "recipe.schema.json"
+SHIPPED = sorted(SCHEMA_FILE.parent.glob("*.yaml"))
+REGENERATE = (
+    'python -c "import json; from pipeline.recipe import recipe_json_schema; '
+    'print(json.dumps(recipe_json_schema(), indent=2))" > recipes/recipe.schema.json'
+)
+
+
+def _documented_keys(schema: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """What the recipe code decides, whatever pydantic's layout: each section's keys and their documentation."""
+    sections = [("Recipe", schema), *schema["$defs"].items()]
+    return {name: {key: prop.get("description") for key, prop in section["properties"].items()} for name, section in sections}
+
+
+def test_committed_json_schema_is_current():
+    committed, current = json.loads(SCHEMA_FILE.read_text(encoding="utf-8")), recipe_json_schema()
+    stale = f"recipes/recipe.schema.json is out of date with pipeline/recipe/schema.py. Regenerate it:\n  {REGENERATE}"
+    assert _documented_keys(committed) == _documented_keys(current), stale
+    if committed["$comment"] == current["$comment"]:  # written by this pydantic version: byte for byte
+        assert committed == current, stale
+
+
+def test_json_schema_documents_and_closes_every_section():
+    schema = recipe_json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema" and schema["title"]
+    for name, section in [("Recipe", schema), *schema["$defs"].items()]:
+        assert section["additionalProperties"] is False, name  # an unknown key is an error in editors too
+        for key, prop in section["properties"].items():
+            assert prop.get("description"), f"{name}.{key} has no docstring"
+    learning_rate = schema["$defs"]["TrainSection"]["properties"]["learning_rate"]
+    assert learning_rate["description"] == "Peak learning rate (AdamW)." and learning_rate["exclusiveMinimum"] == 0
+    assert "enabled" not in schema["$defs"]["TrainSection"]["properties"]
+    assert "enabled" in schema["$defs"]["PretrainSection"]["properties"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_recipes_point_at_and_satisfy_the_json_schema(path):
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("# yaml-language-server: $schema=recipe.schema.json\n")
+    jsonschema.Draft202012Validator(recipe_json_schema()).validate(yaml12.load(text))
+
+
+def test_json_schema_rejects_an_unknown_key():
+    validator = jsonschema.Draft202012Validator(recipe_json_schema())
+    valid = yaml12.load(MINIMAL)
+    validator.validate(valid)
+    for bad in ({**valid, "pretrian": {}}, {**valid, "pretrain": {"lerning_rate": 1e-3}},
+                {**valid, "finetune": {"train": {"enabled": False}}}):
+        with pytest.raises(jsonschema.ValidationError, match="Additional properties are not allowed"):
+            validator.validate(bad)
