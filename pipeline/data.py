@@ -1,17 +1,22 @@
 """Data stage: sources -> mixed documents -> held-out validation -> token blocks -> batches.
 
-    load_corpus(sources)        validate every source, load them, hold out validation DOCUMENTS, mix by weight
-    tokenize_and_pack(ds, tok)  [bos] + tokens + [eos] per document, concatenated and cut into fixed blocks
-    collate(examples)           LongTensor batches; pads only unpacked (variable-length) examples
-    token_byte_lengths(tok)     UTF-8 bytes behind every token id, for bits per byte
-    shard_for_rank(ds)          one rank's share of a streamed dataset
+    load_splits(section, seed)    a recipe's data section, whole, -> load_corpus: what every stage splits the same way
+    load_corpus(sources)          validate every source, load them, hold out validation DOCUMENTS, mix by weight
+    tokenize_and_pack(ds, tok)    [bos] + tokens + [eos] per document, concatenated and cut into fixed blocks
+    block_loaders(section, tok)   load_splits + tokenize_and_pack -> training and validation DataLoaders of blocks
+                                  (pretraining, and fine-tuning with task causal_lm)
+    collate(examples)             LongTensor batches; pads only unpacked (variable-length) examples
+    cached_map(ds, fn, ...)       a batched `datasets.map` cached under a fingerprint of what decides its output
+    tokenizer_fingerprint(tok)    a hash of everything that decides a tokenizer's ids, part of that fingerprint
+    token_byte_lengths(tok)       UTF-8 bytes behind every token id, for bits per byte
 
 Caching. `datasets.map` names its cache file after a fingerprint that does not hash the body of an imported
-function, so an edited preprocessing function would silently reuse stale blocks. `tokenize_and_pack` builds
-the fingerprint itself from the input's fingerprint, `tokenizer_fingerprint`, the packing settings and
-`PREPROCESSING_VERSION`, and always writes a cache file (in-memory datasets such as the built-in corpora have
-none of their own, and `datasets` would otherwise redo the work on every run). A second run loads the blocks
-from disk without calling the tokenizer; any change to what decides the tokens writes new blocks.
+function, so an edited preprocessing function would silently reuse stale blocks. `cached_map` (used by
+`tokenize_and_pack` and by fine-tuning's instruction and classification examples) builds the fingerprint itself
+from the input's fingerprint, `tokenizer_fingerprint`, the caller's settings and `PREPROCESSING_VERSION`, and
+always writes a cache file (in-memory datasets such as the built-in corpora have none of their own, and
+`datasets` would otherwise redo the work on every run). A second run loads the blocks from disk without calling
+the tokenizer; any change to what decides the tokens writes new blocks.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -31,33 +37,57 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, IterableDataset
-from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.sources import SourceSpec, as_source_spec, load_source, validate_source
-from pipeline.tokenizer import tokenizer_fingerprint
+
+if TYPE_CHECKING:  # type hints only: the data stage reads a section's fields, it does not need the recipe
+    from accelerate import Accelerator
+
+    from pipeline.recipe import DataSection
 
 __all__ = [
     "IGNORE_INDEX",
     "PREPROCESSING_VERSION",
+    "block_loaders",
+    "cached_map",
     "collate",
     "load_corpus",
-    "shard_for_rank",
+    "load_splits",
     "token_byte_lengths",
     "tokenize_and_pack",
+    "tokenizer_fingerprint",
 ]
 
 PREPROCESSING_VERSION = "1"
-"""Part of every tokenized cache file's fingerprint: bump it whenever `_Packer` changes what it writes."""
+"""Part of every `cached_map` fingerprint (the packed blocks, fine-tuning's examples): bump it whenever a function
+mapped through it (`_Packer`, fine-tuning's encoders) changes what it writes."""
 
 IGNORE_INDEX = -100
 """Label that `torch.nn.functional.cross_entropy` (and every transformers model) skips."""
 
-StoppingStrategy = Literal["first_exhausted", "all_exhausted", "all_exhausted_without_replacement"]
 _MAP_BATCH_SIZE = 1_000  # documents per `map` call; the blocks do not depend on it (see _Packer)
+# `cached_map` hashes these itself: a caller's settings must not shadow them.
+_RESERVED_SETTINGS = ("dataset", "tokenizer", "preprocessing_version")
 
 
 # ------------------------------------------------------------------------------------------ corpus
+
+
+def load_splits(section: DataSection, seed: int) -> tuple[Dataset | IterableDataset, Dataset]:
+    """(train, validation) documents of a recipe's data section (``data`` or ``finetune.data``), split exactly as
+    every stage splits it: the section whole (``sources``, ``validation_fraction``, ``max_documents``,
+    ``streaming``, ``validation_documents``) and the recipe's ``seed`` go to `load_corpus`. The training stages
+    read the training documents, evaluation the held-out ones; going through here keeps them disjoint."""
+    return load_corpus(
+        section.sources,
+        seed=seed,
+        validation_fraction=section.validation_fraction,
+        max_documents=section.max_documents,
+        streaming=section.streaming,
+        validation_documents=section.validation_documents,
+    )
 
 
 def load_corpus(
@@ -68,7 +98,6 @@ def load_corpus(
     max_documents: int | None = None,
     streaming: bool = False,
     validation_documents: int | None = None,
-    stopping_strategy: StoppingStrategy = "all_exhausted",
 ) -> tuple[Dataset | IterableDataset, Dataset]:
     """Load and mix `sources` into (train, validation), split by whole documents.
 
@@ -82,19 +111,16 @@ def load_corpus(
         streaming: read every source lazily and return an `IterableDataset` for training.
         validation_documents: hold out exactly this many documents per source instead of a fraction.
             Streaming needs it unless the size of each source is known (`max_documents` or the Hub split size).
-        stopping_strategy: how `datasets.interleave_datasets` ends the mixture. The default,
-            "all_exhausted", keeps drawing until every document of every source has been seen at least
-            once, so the weights hold over the whole epoch and a small, heavily weighted source is
-            repeated (upsampled). "first_exhausted" ends with the first source to run out (nothing is
-            repeated, most of the larger sources is never seen); "all_exhausted_without_replacement" sees
-            every document exactly once, so proportions drift from the weights as sources run out.
 
     Returns:
         `train`: the documents not held out (a `Dataset`, or an `IterableDataset` when streaming), mixed
         with probabilities proportional to the weights; a single source is returned in its own order
-        (the training loader shuffles). `validation`: a small map-style `Dataset` of the held-out documents
-        of all sources, concatenated (unweighted), each text once; no text of it occurs in `train`
-        (training drops documents that repeat a held-out text).
+        (the training loader shuffles). The mixture keeps drawing until every document of every source has
+        been seen at least once (`interleave_datasets`' "all_exhausted"), so the weights hold over the whole
+        epoch and a small, heavily weighted source is repeated (upsampled).
+        `validation`: a small map-style `Dataset` of the held-out documents of all sources, concatenated
+        (unweighted), each text once; no text of it occurs in `train` (training drops documents that repeat a
+        held-out text).
         Both have a `text` column; with one source its other columns are kept, with several only the
         columns that all sources share with the same type.
 
@@ -104,7 +130,7 @@ def load_corpus(
     if isinstance(sources, (str, SourceSpec, Mapping)):
         sources = [sources]  # one source given bare
     specs = [as_source_spec(source) for source in sources]
-    _check_corpus_arguments(specs, validation_fraction, validation_documents, max_documents, stopping_strategy)
+    _check_corpus_arguments(specs, validation_fraction, validation_documents, max_documents)
     for spec in specs:
         validate_source(spec)  # all of them, before anything is loaded
     specs = [_with_overrides(spec, max_documents, streaming) for spec in specs]
@@ -129,7 +155,7 @@ def load_corpus(
         [part.select_columns(columns) for part in train_parts],
         probabilities=(weights / weights.sum()).tolist(),
         seed=seed,
-        stopping_strategy=stopping_strategy,
+        stopping_strategy="all_exhausted",
     )
     validation = datasets.concatenate_datasets([part.select_columns(columns) for part in validation_parts])
     return train, validation
@@ -144,7 +170,7 @@ def _with_overrides(spec: SourceSpec, max_documents: int | None, streaming: bool
 
 
 def _check_corpus_arguments(
-    specs: list[SourceSpec], fraction: float, count: int | None, max_documents: int | None, stopping_strategy: str
+    specs: list[SourceSpec], fraction: float, count: int | None, max_documents: int | None
 ) -> None:
     if not specs:
         raise ValueError("no data sources given: list at least one (a corpus name, a path or a Hub dataset id)")
@@ -152,9 +178,6 @@ def _check_corpus_arguments(
         raise ValueError(f"validation_fraction must be in (0, 1), got {fraction!r}; 0.01 holds out 1% of documents")
     _check_positive_int("validation_documents", count, optional=True)
     _check_positive_int("max_documents", max_documents, optional=True)
-    allowed = get_args(StoppingStrategy)
-    if stopping_strategy not in allowed:
-        raise ValueError(f"stopping_strategy must be one of {allowed}, got {stopping_strategy!r}")
 
 
 def _check_positive_int(name: str, value: Any, optional: bool = False) -> None:
@@ -281,34 +304,114 @@ def tokenize_and_pack(
     """
     _check_pack_arguments(dataset, tokenizer, block_size, packing, document_masking, num_proc)
     packer = _Packer(tokenizer, block_size, packing, document_masking)
-    map_kwargs: dict[str, Any] = dict(
-        batched=True,
-        batch_size=_MAP_BATCH_SIZE,
-        with_indices=True,
-        remove_columns=["text"],
-        features=packer.features,
-    )
-    documents = dataset.select_columns(["text"])  # label columns would not survive packing anyway
     if isinstance(dataset, IterableDataset):
-        examples = documents.map(packer, **map_kwargs)
+        examples = dataset.select_columns(["text"]).map(
+            packer, batched=True, batch_size=_MAP_BATCH_SIZE, with_indices=True, remove_columns=["text"],
+            features=packer.features,
+        )
         if next(iter(examples.take(1)), None) is None:  # reads at most one block's worth of documents
             _raise_no_examples(dataset, tokenizer, block_size, packing, num_proc=1)
         return examples
 
-    fingerprint = _cache_fingerprint(dataset, tokenizer, block_size, packing, document_masking, preprocessing_version)
-    directory = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "pipeline" / "tokenized")
-    directory.mkdir(parents=True, exist_ok=True)
-    examples = documents.map(
+    examples = cached_map(
+        dataset,
         packer,
-        **map_kwargs,
-        num_proc=num_proc if num_proc > 1 else None,  # num_proc=1 would still start a worker pool
-        new_fingerprint=fingerprint,
-        cache_file_name=str(directory / f"tokenized-{fingerprint}.arrow"),
+        tokenizer=tokenizer,
+        settings={"block_size": block_size, "packing": packing, "document_masking": document_masking},
+        features=packer.features,
+        kind="tokenized",
+        columns=["text"],  # label columns would not survive packing anyway
+        cache_dir=cache_dir,
+        preprocessing_version=preprocessing_version,
+        with_indices=True,
+        num_proc=num_proc,
         desc="Packing" if packing else "Tokenizing",
     )
     if len(examples) == 0:
         _raise_no_examples(dataset, tokenizer, block_size, packing, num_proc)
     return examples
+
+
+def cached_map(
+    dataset: Dataset,
+    function: Callable[..., dict[str, Any]],
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: Mapping[str, Any],
+    features: datasets.Features,
+    kind: str,
+    columns: Sequence[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    preprocessing_version: str = PREPROCESSING_VERSION,
+    num_proc: int = 1,
+    **map_kwargs: Any,
+) -> Dataset:
+    """A batched `dataset.map(function)` whose output has exactly `features` (the input columns are removed), cached
+    in ``<cache_dir>/<kind>-<fingerprint>.arrow`` and read back from there on every later run.
+
+    The fingerprint hashes everything that decides the output, since `datasets` does not hash the body of an
+    imported function: the input dataset's own fingerprint (which follows the content for in-memory data and the
+    file timestamps for files), `tokenizer_fingerprint(tokenizer)`, `preprocessing_version` and `settings`, a
+    JSON-serializable mapping of the function's own arguments. `settings` must tell different functions apart
+    (fine-tuning puts its ``task`` in it): `kind` only names the file.
+
+    Args:
+        columns: the input columns `function` reads (default all); the others are dropped before mapping, and the
+            fingerprint is still the whole `dataset`'s.
+        cache_dir: default ``<HF_DATASETS_CACHE>/pipeline/tokenized``; the file is written even for in-memory
+            datasets, which have no cache of their own.
+        num_proc: worker processes (1: none started).
+        map_kwargs: passed on to `Dataset.map` (``with_indices``, ``desc``, ...); ``batch_size`` defaults to 1000.
+    """
+    shadowed = sorted(set(settings) & set(_RESERVED_SETTINGS))
+    if shadowed:
+        raise ValueError(f"cached_map settings {shadowed} would shadow what it hashes itself; rename them")
+    payload = json.dumps(
+        {
+            "dataset": dataset._fingerprint,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "preprocessing_version": preprocessing_version,
+            **settings,
+        },
+        sort_keys=True,
+    )
+    fingerprint = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+    directory = Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "pipeline" / "tokenized")
+    directory.mkdir(parents=True, exist_ok=True)
+    inputs = dataset if columns is None else dataset.select_columns(list(columns))
+    map_kwargs.setdefault("batch_size", _MAP_BATCH_SIZE)
+    return inputs.map(
+        function,
+        batched=True,
+        remove_columns=inputs.column_names,
+        features=features,
+        num_proc=num_proc if num_proc > 1 else None,  # num_proc=1 would still start a worker pool
+        new_fingerprint=fingerprint,
+        cache_file_name=str(directory / f"{kind}-{fingerprint}.arrow"),
+        **map_kwargs,
+    )
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A sha256 hex digest of everything that decides the token ids a tokenizer produces.
+
+    Covers the backend's full `tokenizer.json` (vocab, merges, pre-tokenizer, post-processor, added tokens),
+    the special tokens, the chat template and `model_max_length`. It is the same for a tokenizer and its
+    `save_pretrained`/`from_pretrained` copy, and for two trainings on the same texts, so `cached_map` can
+    put it into its `datasets` cache fingerprint.
+    """
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    # transformers leaves the last call's padding/truncation settings on the backend: they are call
+    # arguments, not part of the tokenizer, and save_pretrained drops them too.
+    state.pop("padding", None)
+    state.pop("truncation", None)
+    payload = {
+        "tokenizer.json": state,
+        "special_tokens": {key: str(value) for key, value in tokenizer.special_tokens_map.items()},
+        "chat_template": tokenizer.chat_template,
+        "model_max_length": tokenizer.model_max_length,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _check_pack_arguments(
@@ -328,30 +431,6 @@ def _check_pack_arguments(
         raise ValueError("the tokenizer needs bos_token and eos_token (documents become [bos] + tokens + [eos])")
     if dataset.column_names is not None and "text" not in dataset.column_names:
         raise ValueError(f"the dataset has no 'text' column (its columns: {dataset.column_names}); use load_corpus")
-
-
-def _cache_fingerprint(
-    dataset: Dataset,
-    tokenizer: PreTrainedTokenizerBase,
-    block_size: int,
-    packing: bool,
-    document_masking: bool,
-    preprocessing_version: str,
-) -> str:
-    """Everything that decides the examples, hashed: the input rows (their `datasets` fingerprint, which
-    follows content for in-memory data and file timestamps for files), the tokenizer and the settings."""
-    payload = json.dumps(
-        {
-            "dataset": dataset._fingerprint,
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "block_size": block_size,
-            "packing": packing,
-            "document_masking": document_masking,
-            "preprocessing_version": preprocessing_version,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
 class _Packer:
@@ -447,6 +526,41 @@ def _raise_no_examples(
     )
 
 
+# ------------------------------------------------------------------------------------------ loaders
+
+
+def block_loaders(
+    section: DataSection,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int,
+    seed: int,
+    accelerator: Accelerator,
+    eval_batch_size: int | None = None,
+) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders of packed (or single-document) blocks of a data section: `load_splits`,
+    then `tokenize_and_pack` with the section's ``block_size``, ``packing``, ``document_masking`` and ``num_proc``.
+
+    Tokenization runs on the main process first; the other ranks then read its cache files instead of tokenizing
+    again. The training loader shuffles (a streamed section is read in order) and drops the last partial batch;
+    the validation loader batches by `eval_batch_size`, default `batch_size`.
+    """
+    with accelerator.main_process_first():
+        train_docs, validation_docs = load_splits(section, seed)
+        pack = partial(
+            tokenize_and_pack, tokenizer=tokenizer, block_size=section.block_size, packing=section.packing,
+            document_masking=section.document_masking, num_proc=section.num_proc,
+        )
+        train_blocks, validation_blocks = pack(train_docs), pack(validation_docs)
+    collate_fn = partial(collate, pad_token_id=tokenizer.pad_token_id)
+    shuffle = not section.streaming  # an IterableDataset is read in order (shuffle it with a buffer upstream)
+    train_loader = DataLoader(
+        train_blocks, batch_size=batch_size, shuffle=shuffle, drop_last=True, collate_fn=collate_fn
+    )
+    validation_loader = DataLoader(validation_blocks, batch_size=eval_batch_size or batch_size, collate_fn=collate_fn)
+    return train_loader, validation_loader
+
+
 # --------------------------------------------------------------------------------- batches, metrics
 
 
@@ -503,17 +617,3 @@ def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     for index, added in tokenizer.added_tokens_decoder.items():  # matched on raw text, not byte symbols
         lengths[index] = 0 if added.special else len(added.content.encode("utf-8"))
     return lengths
-
-
-def shard_for_rank(dataset: IterableDataset, rank: int, world_size: int) -> IterableDataset:
-    """This rank's share of a streamed dataset; the shares are disjoint and together hold every example.
-
-    `datasets.distributed.split_dataset_by_node`: when `dataset.num_shards` is a multiple of `world_size`
-    each rank reads only its own shards (which may hold different numbers of examples, so ranks can run
-    out at different steps); otherwise every rank reads, and tokenizes, the whole stream and keeps one
-    example in `world_size`. Shard the documents before `tokenize_and_pack` so each rank packs its own.
-    """
-    _check_positive_int("world_size", world_size)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
-    return split_dataset_by_node(dataset, rank=rank, world_size=world_size)

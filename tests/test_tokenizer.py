@@ -6,12 +6,8 @@ import datasets
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.tokenizer import (
-    DEFAULT_SPECIAL_TOKENS,
-    fertility_report,
-    tokenizer_fingerprint,
-    train_tokenizer,
-)
+from pipeline.data import tokenizer_fingerprint
+from pipeline.tokenizer import DEFAULT_SPECIAL_TOKENS, fertility_report, train_tokenizer
 
 VOCAB_SIZE = 600
 MAX_LEN = 64

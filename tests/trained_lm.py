@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.models.quill import QuillConfig, QuillForCausalLM
-from pipeline.sources import shakespeare
+from pipeline.corpora.shakespeare import shakespeare
 from pipeline.tokenizer import train_tokenizer
 
 BLOCK, BATCH, STEPS, LEARNING_RATE = 64, 16, 400, 3e-3
