@@ -1,12 +1,12 @@
 """Fine-tuning stage: LoRA (PEFT) on a base model with the shared training loop → a PEFT adapter (+ a merged model).
 
-    finetune.base or output_dir/pretrain ──load_base──► fp32 model ──get_peft_model──► LoRA model ──┐
-    finetune.data ──load_corpus──► rows ──examples or packed blocks──► DataLoader ───────────────────┴──► train()
+    artifacts.base_model ──loading.load_base──► fp32 model ──get_peft_model──► LoRA model ──┐
+    finetune.data ──load_splits──► rows ──examples or packed blocks──► DataLoader ───────────────────┴──► train()
     train() ──save_adapter──► finetune/adapter/ ──merge_adapter (finetune.merge)──► finetune/merged/
 
 Tasks (``finetune.task``):
 
-* ``causal_lm``: domain text, tokenized and packed exactly like pretraining (`pretrain.block_loaders`). The
+* ``causal_lm``: domain text, tokenized and packed exactly like pretraining (`data.block_loaders`). The
   validation loss, perplexity and bits per byte are logged by the loop.
 * ``instruction``: prompt → response pairs. ``finetune.label_column`` names the **response** column and
   ``finetune.prompt_template`` is a Python format string over the row's columns; the prompt's tokens get label
@@ -33,8 +33,6 @@ right-padded per batch (`data.collate`). Outputs in ``output_dir/finetune/``: th
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import string
 from functools import partial
@@ -46,46 +44,27 @@ import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from datasets import ClassLabel, Dataset
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import DataLoader
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.data import IGNORE_INDEX, collate, load_corpus, token_byte_lengths
-from pipeline.pretrain import block_loaders
+from pipeline.artifacts import RunArtifacts, base_model
+from pipeline.data import IGNORE_INDEX, block_loaders, cached_map, collate, load_splits, token_byte_lengths
+from pipeline.loading import TASK_TYPES, load_base, load_tokenizer, merge_adapter
 from pipeline.recipe import LoraSection, Recipe
-from pipeline.tokenizer import tokenizer_fingerprint
 from pipeline.training import TrainResult, seed_everything, train
 
-__all__ = [
-    "base_location",
-    "classification_examples",
-    "instruction_examples",
-    "load_base",
-    "load_tokenizer",
-    "lora_config",
-    "merge_adapter",
-    "run_finetune",
-]
+__all__ = ["NAME", "check_lora_targets", "classification_examples", "instruction_examples", "lora_config", "run"]
 
-PREPROCESSING_VERSION = "1"
-"""Part of the cache fingerprint of instruction/classification examples: bump it when their encoding changes."""
+NAME = "finetune"
 
-TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "instruction": TaskType.CAUSAL_LM, "classification": TaskType.SEQ_CLS}
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 
 # ------------------------------------------------------------------------------------------ the stage
 
 
-def run_finetune(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
+def run(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     """The fine-tuning stage of a recipe: LoRA on the base, trained with ``recipe.finetune.train``.
 
     Writes ``output_dir/finetune/{metrics.jsonl, checkpoints/, loss_curve.png, adapter/}`` and, with
@@ -93,11 +72,9 @@ def run_finetune(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     (for classification wrapped in `_WindowNormalizedLoss`, whose ``.model`` is the PEFT model).
     """
     section, cfg = recipe.finetune, recipe.finetune.train
-    if section.data is None:
-        raise ValueError("finetune.data is not set: build the recipe with load_recipe or recipe_from_dict")
-    folder = recipe.output_dir / "finetune"
-    base = base_location(recipe)  # fails here, before any compute, when the base is missing
-    tokenizer = load_tokenizer(base, recipe.output_dir)
+    run_folders = RunArtifacts.of(recipe)
+    base = base_model(recipe)  # fails here, before any compute, when the base is missing
+    tokenizer = load_tokenizer(base, fallback=run_folders.tokenizer)
     seed_everything(recipe.seed)  # the head and LoRA init depend on the recipe, not on what ran before
 
     # Raw rows are cheap to load; classification needs them to size its head before the model is built.
@@ -106,9 +83,9 @@ def run_finetune(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     if section.task == "classification":
         labels = _label_space(documents, section.label_column, section.num_labels)
     peft_config = lora_config(section.lora, section.task)
-    base_model = _setup_base(base, section.task, labels, tokenizer)
-    check_lora_targets(base_model, peft_config)  # before any tokenization: a typo fails in seconds
-    model = get_peft_model(base_model, peft_config)
+    untuned = _setup_base(base, section.task, labels, tokenizer)
+    check_lora_targets(untuned, peft_config)  # before any tokenization: a typo fails in seconds
+    model = get_peft_model(untuned, peft_config)
 
     if section.task == "causal_lm":
         train_loader, eval_loader = block_loaders(
@@ -121,9 +98,9 @@ def run_finetune(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
         # `train` evaluates causal-LM labels only; the evaluation stage measures accuracy.
         eval_loader, byte_lengths, model = None, None, _WindowNormalizedLoss(model)
 
-    result = train(model, train_loader, eval_loader, cfg, folder, accelerator, byte_lengths=byte_lengths,
-                   run_name="finetune")
-    save_adapter(accelerator, result.model, tokenizer, folder / "adapter")
+    result = train(model, train_loader, eval_loader, cfg, run_folders.finetune, accelerator,
+                   byte_lengths=byte_lengths, run_name=NAME)
+    save_adapter(accelerator, result.model, tokenizer, run_folders.adapter)
     if section.merge:
         if accelerator.is_main_process:
             # A plain fp32 copy of the base on this process alone: under ZeRO-3, from_pretrained would otherwise
@@ -131,7 +108,7 @@ def run_finetune(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
             unset_hf_deepspeed_config()
-            merge_adapter(folder / "adapter", _setup_base(base, section.task, labels, tokenizer), folder / "merged")
+            merge_adapter(run_folders.adapter, _setup_base(base, section.task, labels, tokenizer), run_folders.merged)
         accelerator.wait_for_everyone()
     return result
 
@@ -144,50 +121,6 @@ def _setup_base(base: str, task: str, labels: tuple[int, dict[int, str] | None] 
     if id2label is not None:
         model.config.id2label, model.config.label2id = id2label, {name: i for i, name in id2label.items()}
     return model
-
-
-def base_location(recipe: Recipe) -> str:
-    """The model to adapt: ``finetune.base`` (a local folder or a Hub id), else ``output_dir/pretrain``.
-
-    Raises `FileNotFoundError` when it names a local folder that does not exist or holds no ``config.json``."""
-    base = recipe.finetune.base
-    if base is None:
-        folder = recipe.output_dir / "pretrain"
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"the fine-tuning base {folder} does not exist (or holds no config.json): the pretrain stage has not "
-                "run. Fix: run pretraining first (pretrain.enabled: true), or set finetune.base to a model folder or "
-                "Hub id."
-            )
-        return str(folder)
-    path = Path(base).expanduser()
-    if _looks_local(base) and not (path / "config.json").is_file():
-        what = "holds no config.json" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"finetune.base {base!r} {what}. Fix: point it at a save_pretrained model folder or a Hub id 'owner/name'."
-        )
-    return base
-
-
-def load_tokenizer(base: str | Path, output_dir: Path) -> PreTrainedTokenizerBase:
-    """The base's own tokenizer (its folder, or its Hub repo), else the tokenizer stage's ``output_dir/tokenizer``."""
-    local = Path(base).expanduser()
-    if not local.is_dir():  # a Hub id: its repository ships its tokenizer
-        source: str | Path = base
-    elif any((local / name).is_file() for name in _TOKENIZER_FILES):
-        source = local
-    elif (output_dir / "tokenizer").is_dir():
-        source = output_dir / "tokenizer"
-    else:
-        raise FileNotFoundError(
-            f"no tokenizer in the base {local} nor in {output_dir / 'tokenizer'}. Fix: run the tokenizer stage, or "
-            "save the tokenizer into the base folder (tokenizer.save_pretrained)."
-        )
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        # `collate` masks padding by position (labels -100, attention_mask 0), never by id, so sharing EOS is safe.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 # ------------------------------------------------------------------------------------------ model and adapter
@@ -213,31 +146,6 @@ def lora_config(section: LoraSection, task: str) -> LoraConfig:
         modules_to_save=list(section.modules_to_save) if section.modules_to_save else None,
         task_type=TASK_TYPES[task],
     )
-
-
-def load_base(
-    base: str | Path, task: str, num_labels: int | None, tokenizer: PreTrainedTokenizerBase
-) -> PreTrainedModel:
-    """The base model in float32 (trainable weights must be fp32; mixed precision autocasts the compute):
-    `AutoModelForCausalLM`, or `AutoModelForSequenceClassification` with a fresh ``num_labels`` head and the
-    tokenizer's ``pad_token_id`` in its config (heads find each row's last token through it)."""
-    if task == "classification":
-        if num_labels is None or num_labels < 2:
-            raise ValueError(f"classification needs num_labels >= 2, got {num_labels!r}")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base, dtype=torch.float32, num_labels=num_labels, pad_token_id=tokenizer.pad_token_id
-        )
-    elif task in TASK_TYPES:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    else:
-        raise ValueError(f"unknown fine-tuning task {task!r}; expected one of {sorted(TASK_TYPES)}")
-    embedded = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > embedded:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the base {base} embeds only {embedded}: use the base's own "
-            "tokenizer (save it into the base folder)"
-        )
-    return model
 
 
 def check_lora_targets(model: torch.nn.Module, config: LoraConfig) -> None:
@@ -295,29 +203,6 @@ def save_adapter(
         unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
     accelerator.wait_for_everyone()
-
-
-def merge_adapter(
-    adapter_dir: Path, base: str | Path | PreTrainedModel, out_dir: Path, dtype: torch.dtype = torch.float32
-) -> Path:
-    """Merge the adapter in ``adapter_dir`` into ``base`` IN FLOAT32, cast to ``dtype``, and ``save_pretrained`` it
-    (with the adapter's tokenizer) to ``out_dir``. Merging in bf16 would be off by ~1e-2; fp32 by ~1e-6.
-
-    ``base``: a loaded model (cast to float32 here) or, for a causal-LM adapter, a folder or Hub id. A
-    classification base must be passed loaded, as `load_base` builds it (the adapter config lacks its head size)."""
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
-    if isinstance(base, (str, Path)):
-        task_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
-        if task_type != TaskType.CAUSAL_LM:
-            raise ValueError(f"the adapter's task is {task_type}: pass the base as a loaded model (see load_base)")
-        base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base.float(), adapter_dir).merge_and_unload()
-    merged.to(dtype).save_pretrained(out_dir, safe_serialization=True)
-    if any((adapter_dir / name).is_file() for name in _TOKENIZER_FILES):
-        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out_dir)
-    return Path(out_dir)
 
 
 # ------------------------------------------------------------------------------------------ examples
@@ -409,18 +294,10 @@ def _encode_classification(
 
 def _cached_map(dataset: Dataset, function: Any, tokenizer: PreTrainedTokenizerBase, settings: dict[str, Any],
                 with_labels: Any) -> Dataset:
-    """A batched `map` to ``input_ids`` + ``labels`` whose cache file is named after everything that decides its
-    output (`datasets` does not hash the body of an imported function), written even for in-memory data."""
-    payload = {"dataset": dataset._fingerprint, "tokenizer": tokenizer_fingerprint(tokenizer),
-               "version": PREPROCESSING_VERSION, **settings}
-    fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-    directory = Path(datasets.config.HF_DATASETS_CACHE) / "pipeline" / "finetune"
-    directory.mkdir(parents=True, exist_ok=True)
+    """`data.cached_map` to ``input_ids`` + ``labels`` (bump `data.PREPROCESSING_VERSION` when an encoding changes)."""
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")), "labels": with_labels})
-    return dataset.map(
-        function, batched=True, remove_columns=dataset.column_names, features=features, new_fingerprint=fingerprint,
-        cache_file_name=str(directory / f"{settings['task']}-{fingerprint}.arrow"), desc=f"Encoding {settings['task']}",
-    )
+    return cached_map(dataset, function, tokenizer=tokenizer, settings=settings, features=features,
+                      kind=settings["task"], desc=f"Encoding {settings['task']}")
 
 
 # ------------------------------------------------------------------------------------------ data helpers
@@ -434,8 +311,7 @@ def _load_documents(recipe: Recipe, accelerator: Accelerator) -> tuple[Dataset, 
             "(streaming is for task causal_lm)."
         )
     with accelerator.main_process_first():
-        return load_corpus(data.sources, seed=recipe.seed,
-                           validation_fraction=data.validation_fraction, max_documents=data.max_documents)
+        return load_splits(data, recipe.seed)
 
 
 def _example_loaders(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, documents: tuple[Dataset, Dataset],
@@ -541,14 +417,3 @@ def _byte_lengths(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor | None:
         return token_byte_lengths(tokenizer)
     except ValueError:
         return None
-
-
-def _looks_local(location: str) -> bool:
-    """A local path (it exists, starts like one, or is no valid Hub id) rather than a Hub id such as 'owner/name'."""
-    if Path(location).expanduser().exists() or location.startswith((".", "/", "~")):
-        return True
-    try:
-        validate_repo_id(location)
-    except HFValidationError:
-        return True
-    return False

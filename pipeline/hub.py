@@ -26,7 +26,7 @@ import shlex
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import yaml
@@ -43,12 +43,20 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError
 
-__all__ = ["HubTarget", "HubPushError", "write_model_card", "prepare_upload_folder", "push_to_hub", "run_push"]
+from pipeline.artifacts import RunArtifacts, base_model, is_local
+from pipeline.recipe import Recipe, recipe_to_dict
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["NAME", "HubTarget", "HubPushError", "write_model_card", "prepare_upload_folder", "push_to_hub", "run"]
+
+NAME = "hub"
 
 
 class HubTarget(Protocol):
     """Where and how to push: the recipe's ``hub:`` section (`pipeline.recipe.HubSection`) or any object with these
-    attributes. Kept structural so this module imports nothing from the rest of the package."""
+    attributes, so `push_to_hub` serves callers without a recipe too."""
 
     repo_id: str | None
     private: bool
@@ -466,54 +474,49 @@ def _files(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------------------------
-def run_push(recipe: Any, accelerator: Any) -> CommitInfo | None:
+def run(recipe: Recipe, accelerator: Accelerator) -> CommitInfo | None:
     """The hub stage of a recipe: assemble `output_dir/hub/upload/` from the run's artefacts (the merged model if
-    there is one, else the pretrained base, with the adapter under `adapter/`), write the card, push in one commit.
+    there is one, else the base, with the adapter under `adapter/`), write the card, push in one commit.
     Only the main process talks to the Hub."""
     if not accelerator.is_main_process:
         return None
-    out = recipe.output_dir
-    staging = out / "hub" / "upload"
-    shutil.rmtree(staging, ignore_errors=True)  # rebuilt from the run's artefacts every time: nothing stale is pushed
-    model = _model_folder(recipe)
+    run_folders = RunArtifacts.of(recipe)
+    shutil.rmtree(run_folders.upload, ignore_errors=True)  # rebuilt every time: nothing stale is pushed
+    model, merged = _model_folder(recipe)
     artifacts: dict[str, Path] = {"model": model}
     if not (model / "tokenizer.json").is_file():  # stage folders carry the tokenizer they trained with
-        artifacts["tokenizer"] = out / "tokenizer"
+        artifacts["tokenizer"] = run_folders.tokenizer
     # The adapter is pushed only where its base can be had: the repo root itself (no merge), or the Hub. Next to a
     # merged model with a local base it would invite applying LoRA twice.
-    base = recipe.finetune.base if recipe.finetune.enabled else None
-    hub_base = base if base and not Path(base).exists() else None
-    merged = model == out / "finetune" / "merged"
-    if (out / "finetune" / "adapter").is_dir() and (not merged or hub_base):
-        artifacts["adapter"] = out / "finetune" / "adapter"
-    report = _read_json(out / "eval" / "report.json") or {}
-    plots = sorted(out.glob("eval/*.png")) + sorted(p for p in (out / "pretrain" / "loss_curve.png", out / "finetune" / "loss_curve.png") if p.is_file())
-    sources = [s.name for s in recipe.data.sources] + [s.name for s in (recipe.finetune.data.sources if recipe.finetune.data else [])]
-    from pipeline.recipe import recipe_to_dict
-
+    base = base_model(recipe, check=False)
+    hub_base = base if recipe.runs("finetune") and not is_local(base) else None
+    if run_folders.adapter.is_dir() and recipe.runs("finetune") and (not merged or hub_base):
+        artifacts["adapter"] = run_folders.adapter
+    report = _read_json(run_folders.report) or {}
+    plots = sorted(run_folders.eval.glob("*.png")) + run_folders.loss_curves()
+    sources = [s.name for s in recipe.data.sources] + [s.name for s in recipe.finetune.data.sources]
     prepare_upload_folder(
-        artifacts, staging, repo_id=recipe.hub.repo_id, recipe=recipe_to_dict(recipe), metrics=card_metrics(report),
-        plots=[str(p) for p in plots], base_model=hub_base if merged else None, datasets=[],
-        tags=[name for name in dict.fromkeys(sources) if "/" not in name and "." not in name],  # corpus names, not paths
-    )
-    info = push_to_hub(staging, recipe.hub)
-    print(f"pushed {staging} to {recipe.hub.repo_id}: {info} (pin revision={info.oid} for trust_remote_code loads)")
+        artifacts, run_folders.upload, repo_id=recipe.hub.repo_id, recipe=recipe_to_dict(recipe),
+        metrics=card_metrics(report), plots=[str(p) for p in plots], base_model=hub_base if merged else None,
+        datasets=[], tags=[name for name in dict.fromkeys(sources) if "/" not in name and "." not in name],
+    )  # tags: corpus names, not paths or Hub ids
+    info = push_to_hub(run_folders.upload, recipe.hub)
+    print(f"pushed {run_folders.upload} to {recipe.hub.repo_id}: {info} (pin revision={info.oid} for trust_remote_code loads)")
     return info
 
 
-def _model_folder(recipe: Any) -> Path:
-    merged = recipe.output_dir / "finetune" / "merged"
-    if recipe.finetune.enabled and recipe.finetune.merge and merged.is_dir():
-        return merged
-    base = recipe.finetune.base if recipe.finetune.enabled and recipe.finetune.base else None
-    if base is None:
-        return recipe.output_dir / "pretrain"
+def _model_folder(recipe: Recipe) -> tuple[Path, bool]:
+    """(the folder whose weights are pushed, whether it is the merged model)."""
+    merged = RunArtifacts.of(recipe).merged
+    if recipe.runs("finetune") and recipe.finetune.merge and merged.is_dir():
+        return merged, True
+    base = base_model(recipe, check=False)
     if not Path(base).is_dir():
         raise ValueError(
             f"the fine-tuned base {base} is not a local folder, so its weights cannot be uploaded with the adapter: "
             "set finetune.merge: true to push a merged model"
         )
-    return Path(base)
+    return Path(base), False
 
 
 def card_metrics(report: Mapping[str, Any]) -> dict[str, dict[str, float]]:

@@ -18,13 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.data import IGNORE_INDEX, collate
-from pipeline.finetune import (
-    classification_examples,
-    instruction_examples,
-    load_base,
-    lora_config,
-    run_finetune,
-)
+from pipeline import finetune as finetune_stage
+from pipeline.finetune import classification_examples, instruction_examples, lora_config
+from pipeline.loading import load_base
 from pipeline.models.quill import QuillConfig, QuillForCausalLM
 from pipeline.recipe import LoraSection, dump_recipe, load_recipe, recipe_from_dict
 from pipeline.tokenizer import train_tokenizer
@@ -46,17 +42,12 @@ def rows(n: int = 64) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
+def base_dir(tmp_path_factory, tiny_quill) -> Path:
     """A tiny Quill and its tokenizer saved together, as the pretrain stage leaves them."""
     folder = tmp_path_factory.mktemp("base")
     texts = [r["text"] for r in rows()] + [TEMPLATE.format(code=r["code"]) for r in rows()]
     tokenizer = train_tokenizer(texts * 4, vocab_size=300)
-    torch.manual_seed(0)
-    config = QuillConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    QuillForCausalLM(config).save_pretrained(folder)
+    tiny_quill(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -82,7 +73,7 @@ def make_recipe(tmp_path: Path, base: Path | None, data_file: Path, **finetune):
 
 def finetune(recipe):
     accelerator = build_accelerator(recipe.finetune.train, recipe.output_dir / "finetune")
-    return accelerator, run_finetune(recipe, accelerator)
+    return accelerator, finetune_stage.run(recipe, accelerator)
 
 
 def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -366,4 +357,4 @@ if __name__ == "__main__":  # launched by accelerate on two CPU ranks: fine-tune
     launched_recipe = load_recipe(sys.argv[1])
     accelerator = build_accelerator(launched_recipe.finetune.train, launched_recipe.output_dir / "finetune",
                                     expected_processes=2)
-    run_finetune(launched_recipe, accelerator)
+    finetune_stage.run(launched_recipe, accelerator)

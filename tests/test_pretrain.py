@@ -232,7 +232,7 @@ def test_dry_run_prints_the_resolved_recipe_and_plan_and_writes_nothing(tmp_path
 
     from pipeline.cli import main
     from pipeline.recipe import load_recipe, recipe_to_dict
-    from pipeline.runner import plan
+    from pipeline.plan import plan
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "never-written"

@@ -166,7 +166,7 @@ def test_without_a_merge_the_upload_is_the_base_with_its_adapter(quickstart, tmp
     from types import SimpleNamespace
 
     monkeypatch.setattr(pipeline.hub, "push_to_hub", lambda folder, cfg: pushed.append(folder) or SimpleNamespace(oid="0"))
-    pipeline.hub.run_push(recipe, PartialState())
+    pipeline.hub.run(recipe, PartialState())
     upload = pushed[0]
     assert (upload / "model.safetensors").read_bytes() == (out / "pretrain" / "model.safetensors").read_bytes()
     assert (upload / "adapter" / "adapter_model.safetensors").is_file()

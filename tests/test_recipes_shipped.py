@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.recipe import RecipeError, load_recipe
-from pipeline.runner import plan
+from pipeline.plan import plan
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
