@@ -37,6 +37,8 @@ from accelerate.utils import (
 )
 from torch.utils.data import DataLoader
 
+from pipeline.scoring import score_batches
+
 CHECKPOINT_PREFIX = "checkpoint-"
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 LOG_FILE = "metrics.jsonl"
@@ -269,7 +271,6 @@ def count_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return (labels[:, 1:] != -100).sum()
 
 
-@torch.no_grad()
 def evaluate_lm(
     model: torch.nn.Module,
     dataloader: DataLoader,
@@ -277,33 +278,16 @@ def evaluate_lm(
     byte_lengths: torch.Tensor | None = None,
     max_batches: int | None = None,
 ) -> dict[str, float]:
-    """Validation loss, perplexity and bits per byte. Loss and perplexity are per target token, zero-byte special
-    targets (a document's closing EOS) included: the model must learn to stop. Bits per byte (unlike perplexity it
-    compares models with different tokenizers) is the standard one: the NLL in bits of the targets that stand for
-    at least one byte of text (`byte_lengths[target] > 0`, see `token_byte_lengths`), over those bytes. Per-example
-    sums go through `gather_for_metrics`, which drops the samples accelerate repeats to even out the last batch."""
+    """Validation loss, perplexity and bits per byte, as `pipeline.scoring` defines them: loss and perplexity per
+    target token, zero-byte special targets (a document's closing EOS) included; bits per byte over the targets
+    with ``byte_lengths[target] > 0`` (see `token_byte_lengths`), reported only when ``byte_lengths`` is given and
+    some target bears a byte. Leaves the model in training mode."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # nll, tokens, text nll, bytes
-    for i, batch in enumerate(dataloader):
-        if max_batches is not None and i >= max_batches:
-            break
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
-        targets = batch["labels"][:, 1:]
-        mask = targets != -100
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
-        )  # (B, T - 1), 0 where ignored
-        n_bytes = byte_lengths.to(targets.device)[targets.clamp(min=0)] * mask if byte_lengths is not None else nll * 0
-        text_nll = (nll * (n_bytes > 0)).sum(-1)
-        sums = (nll.sum(-1), mask.sum(-1), text_nll, n_bytes.sum(-1))
-        per_example = torch.stack([column.double() for column in sums], dim=-1)  # (B, 4)
-        totals += accelerator.gather_for_metrics(per_example).sum(0)
+    totals = score_batches(model, dataloader, accelerator, byte_lengths, max_batches)
     model.train()
-    nll, tokens, text_nll, n_bytes = totals.tolist()
-    loss = nll / max(tokens, 1.0)
-    metrics = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
-    if byte_lengths is not None and n_bytes > 0:
-        metrics["eval_bits_per_byte"] = text_nll / (math.log(2) * n_bytes)
+    metrics = {"eval_loss": totals.loss, "eval_perplexity": totals.perplexity, "eval_tokens": float(totals.targets)}
+    if totals.bits_per_byte is not None:
+        metrics["eval_bits_per_byte"] = totals.bits_per_byte
     return metrics
 
 

@@ -12,7 +12,7 @@ import json
 import math
 import os
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import pytest
 import torch
@@ -22,8 +22,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline  # noqa: F401  (registers Quill with the Auto classes and PEFT)
-from pipeline.evaluation import _measure_pair, language_model_metrics
-from pipeline.finetune import load_base, lora_config, merge_adapter, save_adapter
+from pipeline.evaluation import language_model_metrics, measure_pair
+from pipeline.finetune import lora_config, save_adapter
+from pipeline.loading import load_base, merge_adapter
 from pipeline.recipe import LoraSection
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}  # what PeftModel.from_pretrained reads
@@ -148,22 +149,22 @@ def test_trl_sft_trainer_lora_adapter_has_our_format_and_loads_in_the_evaluate_s
     # lora_B starts at zero: a non-zero one is the training, saved.
     assert all(trl_tensors[key].abs().max() > 0 for key in trl_tensors if ".lora_B." in key)
 
-    # The evaluate stage's loading of base + adapter (`_measure_pair`), measured on one held-out window.
+    # The evaluate stage's loading of base + adapter (`measure_pair`), measured on one held-out window.
     ids = torch.tensor([tokenizer(trained_lm.held_out[:400]).input_ids[:64]])
 
     def logits(model, label):
         with torch.no_grad():
             return {"logits": model(input_ids=ids).logits}
 
-    plan = SimpleNamespace(recipe=SimpleNamespace(seed=0), base=str(trained_lm.folder), num_labels=None)
-    base_logits, tuned = _measure_pair(plan, "causal_lm", trl_dir, logits, tokenizer, Accelerator(cpu=True))
+    base_logits, tuned = measure_pair(str(trained_lm.folder), trl_dir, "causal_lm", logits, tokenizer,
+                                      Accelerator(cpu=True), seed=0)
     with torch.no_grad():
         reference = PeftModel.from_pretrained(fresh_copy(trained_lm), str(trl_dir)).eval()(input_ids=ids).logits
     torch.testing.assert_close(tuned["logits"], reference, rtol=0, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(base_logits["logits"], trained_lm.model(input_ids=ids).logits, rtol=0, atol=1e-5)
     assert (tuned["logits"] - base_logits["logits"]).abs().max() > 1e-3  # the adapter does something
-    # The finetune stage's merge of the TRL adapter gives the same model.
+    # The shared merge (`loading.merge_adapter`, the finetune stage's) of the TRL adapter gives the same model.
     merged_dir = merge_adapter(trl_dir, trained_lm.folder, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():

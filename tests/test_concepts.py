@@ -18,7 +18,6 @@ from pipeline.concepts import (
     similarity,
     tokenize_table,
 )
-from pipeline.models.quill import QuillConfig, QuillForCausalLM
 from pipeline.tokenizer import train_tokenizer
 
 TEXT = "the king and the queen ride to the castle; the knight and the squire follow the king. " * 30
@@ -29,15 +28,6 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return train_tokenizer([TEXT], vocab_size=300, min_frequency=1)
 
 
-def model_for(tokenizer, **overrides) -> QuillForCausalLM:
-    torch.manual_seed(0)
-    config = QuillConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **overrides)
-    return QuillForCausalLM(config).eval()
-
-
 def test_token_table_gives_the_ids_and_pieces_that_rebuild_the_text(tokenizer) -> None:
     text = "the knight rides"
     rows = tokenize_table(tokenizer, text)
@@ -46,8 +36,8 @@ def test_token_table_gives_the_ids_and_pieces_that_rebuild_the_text(tokenizer) -
     assert len(rows) < len(text)  # subwords, not characters
 
 
-def test_parameter_counts_match_the_closed_form(tokenizer) -> None:
-    model = model_for(tokenizer)
+def test_parameter_counts_match_the_closed_form(tokenizer, tiny_quill) -> None:
+    model = tiny_quill(tokenizer)
     counts = parameter_counts(model)
     v, h, i, layers, kv = len(tokenizer), 32, 64, 2, 2 * 8
     assert counts["token embeddings"] == v * h  # lm_head is tied: counted once
@@ -55,7 +45,7 @@ def test_parameter_counts_match_the_closed_form(tokenizer) -> None:
     assert counts["feed-forward"] == layers * 3 * h * i  # gate, up, down
     assert counts["norms"] == (2 * layers + 1) * h
     assert counts["total"] == sum(p.numel() for p in model.parameters())
-    untied = parameter_counts(model_for(tokenizer, tie_word_embeddings=False))
+    untied = parameter_counts(tiny_quill(tokenizer, tie_word_embeddings=False))
     assert untied["output head"] == v * h and untied["total"] == counts["total"] + v * h
 
 
@@ -68,8 +58,8 @@ def test_cosine_and_dot_product_similarity_differ_as_defined() -> None:
         similarity(query, table, "euclid")
 
 
-def test_nearest_tokens_rank_by_cosine_and_exclude_the_token_itself(tokenizer) -> None:
-    model = model_for(tokenizer)
+def test_nearest_tokens_rank_by_cosine_and_exclude_the_token_itself(tokenizer, tiny_quill) -> None:
+    model = tiny_quill(tokenizer)
     table = model.get_input_embeddings().weight.detach()
     king = tokenizer(" king", add_special_tokens=False)["input_ids"]
     assert len(king) == 1
@@ -81,27 +71,27 @@ def test_nearest_tokens_rank_by_cosine_and_exclude_the_token_itself(tokenizer) -
         embedding_similarity(model, tokenizer, "the knight")
 
 
-def test_positional_encodings_are_what_they_claim(tokenizer) -> None:
-    sinusoidal = positional_encoding(model_for(tokenizer, position_embedding_type="sinusoidal"), 10)
+def test_positional_encodings_are_what_they_claim(tokenizer, tiny_quill) -> None:
+    sinusoidal = positional_encoding(tiny_quill(tokenizer, position_embedding_type="sinusoidal"), 10)
     pos, i, d = 7, 3, 32
     assert sinusoidal[pos, i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / d)), rel=1e-5)
     assert sinusoidal[pos, d // 2 + i].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / d)), rel=1e-5)
-    learned = model_for(tokenizer, position_embedding_type="learned")
+    learned = tiny_quill(tokenizer, position_embedding_type="learned")
     torch.testing.assert_close(positional_encoding(learned, 10), learned.model.embed_positions.weight[:10])
-    rope = positional_encoding(model_for(tokenizer), 10)  # rotation angle per position and channel pair
+    rope = positional_encoding(tiny_quill(tokenizer), 10)  # rotation angle per position and channel pair
     assert rope.shape == (10, 4) and rope[3, 0].item() == pytest.approx(3.0)
     assert rope[3, 1].item() == pytest.approx(3.0 / 10000 ** (2 / 8), rel=1e-5)
 
 
-def test_attention_maps_are_causal_distributions(tokenizer) -> None:
-    maps, tokens = attention_maps(model_for(tokenizer), tokenizer, "the king rides")
+def test_attention_maps_are_causal_distributions(tokenizer, tiny_quill) -> None:
+    maps, tokens = attention_maps(tiny_quill(tokenizer), tokenizer, "the king rides")
     assert maps.shape == (2, 4, len(tokens), len(tokens)) and tokens[0] == tokenizer.bos_token
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, len(tokens)))
     assert torch.all(maps.triu(diagonal=1) == 0)
 
 
-def test_next_token_distribution_is_the_softmax_of_the_last_logits(tokenizer) -> None:
-    model = model_for(tokenizer)
+def test_next_token_distribution_is_the_softmax_of_the_last_logits(tokenizer, tiny_quill) -> None:
+    model = tiny_quill(tokenizer)
     top = next_token_distribution(model, tokenizer, "the king", top=5, temperature=2.0)
     logits = model(**tokenizer("the king", return_tensors="pt")).logits[0, -1]
     expected = torch.softmax(logits / 2.0, -1).topk(5)
@@ -109,8 +99,8 @@ def test_next_token_distribution_is_the_softmax_of_the_last_logits(tokenizer) ->
     assert [t for t, _ in top] == [tokenizer.decode([i]) for i in expected.indices.tolist()]
 
 
-def test_decoding_strategies(tokenizer) -> None:
-    model = model_for(tokenizer)
+def test_decoding_strategies(tokenizer, tiny_quill) -> None:
+    model = tiny_quill(tokenizer)
     prompt = "the king"
     outputs = decode_side_by_side(model, tokenizer, prompt, max_new_tokens=8, strategies={
         "greedy": dict(do_sample=False), "top-k=1": dict(do_sample=True, top_k=1), "top-p=1.0": dict(do_sample=True, top_p=1.0, top_k=0),

@@ -1,5 +1,6 @@
-"""The evaluation stage: hand-checked language-model numbers, generation and few-shot layout, the report, and the
-whole stage on a tiny finished run (base folder + a random LoRA adapter, so tuned differs from base)."""
+"""The evaluation stage: hand-checked language-model numbers (one definition with the training loop's validation,
+`pipeline.scoring`), and the whole stage on a tiny finished run (base folder + a random LoRA adapter, so tuned
+differs from base). Prompting and decoding: test_generation_prompts.py; the report's files: test_report.py."""
 
 from __future__ import annotations
 
@@ -16,20 +17,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
 import pipeline  # noqa: F401  (registers Quill with the Auto classes)
-from pipeline.data import collate, load_corpus
-from pipeline.evaluation import (
-    few_shot_prompt,
-    generate_samples,
-    generation_kwargs,
-    language_model_metrics,
-    run_evaluation,
-    score_generations,
-    write_report,
-)
-from pipeline.finetune import load_base
+from pipeline import evaluation
+from pipeline.data import collate, load_corpus, token_byte_lengths
+from pipeline.evaluation import language_model_metrics
+from pipeline.loading import load_base
 from pipeline.metrics import load_metric
 from pipeline.models.quill import QuillConfig, QuillForCausalLM
-from pipeline.recipe import GenerationSection, recipe_from_dict
+from pipeline.recipe import recipe_from_dict
+from pipeline.scoring import TEXT, document_loader
 from pipeline.tokenizer import train_tokenizer
 from pipeline.training import seed_everything
 
@@ -141,177 +136,19 @@ def test_a_model_trained_on_the_texts_has_lower_perplexity_than_an_untrained_one
     assert fitted["bits_per_byte"] < untrained["bits_per_byte"]
 
 
-# ------------------------------------------------------------------------------------------ prompts and generation
+def test_the_training_loops_validation_scores_the_same_windows_identically(trained, tokenizer, texts) -> None:
+    """One definition (`pipeline.scoring`): `evaluate_lm` on the stage's own windows, without their text column (so
+    bits per byte counts the targets with token byte lengths > 0, over those bytes), gives the very same floats."""
+    from pipeline.training import evaluate_lm
 
-
-def test_few_shot_prompt_puts_k_solved_examples_before_the_query() -> None:
-    examples = [{"code": "A00", "title": "Cholera"}, {"code": "A01", "title": "Typhoid fever"},
-                {"code": "A02", "title": "Other salmonella infections"}]
-    query = {"code": "A03", "title": "Shigellosis"}
-    template = "ICD-10-CM code {code} means: "
-    prompt = few_shot_prompt(examples, query, template, 2, response_column="title")
-    assert prompt == ("ICD-10-CM code A00 means: Cholera\n\nICD-10-CM code A01 means: Typhoid fever\n\n"
-                      "ICD-10-CM code A03 means: ")
-    assert few_shot_prompt(examples, query, template, 0, response_column="title") == "ICD-10-CM code A03 means: "
-    with pytest.raises(ValueError, match="needs 4 solved examples"):
-        few_shot_prompt(examples, query, template, 4, response_column="title")
-    with pytest.raises(ValueError, match="'chapter'"):
-        few_shot_prompt(examples, query, "{chapter}: ", 1, response_column="title")
-
-
-def test_batched_greedy_generation_equals_generating_one_prompt_at_a_time(tokenizer) -> None:
-    model = tiny_quill(tokenizer, initializer_range=0.3)  # large weights: context-dependent, tie-free argmaxes
-    prompts = ["A01 Acute", "A17 Chronic fever of the", "Notes:", "A3"]  # different lengths: left padding
-    gen = GenerationSection(max_new_tokens=8)
-    samples = generate_samples(model, tokenizer, prompts, gen, batch_size=4)
-    assert [s["prompt"] for s in samples] == prompts
-    assert len({s["completions"][0] for s in samples}) == len(prompts)  # the prompts do steer the model
-    for sample in samples:
-        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(sample["prompt"], add_special_tokens=False).input_ids]])
-        alone = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        assert sample["completions"] == [tokenizer.decode(alone[0, ids.shape[1]:], skip_special_tokens=True)]
-
-
-def test_a_prompt_longer_than_the_positions_keeps_its_end(tokenizer) -> None:
-    model = tiny_quill(tokenizer, position_embedding_type="learned", max_position_embeddings=24, initializer_range=0.3)
-    prompt = " ".join(WORDS)  # ~90 tokens: more than a learned table of 24 positions can embed
-    [sample] = generate_samples(model, tokenizer, [prompt], GenerationSection(max_new_tokens=4))
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids
-    kept = torch.tensor([[tokenizer.bos_token_id, *ids[-(24 - 4 - 1):]]])  # BOS + the last tokens, 20 in all
-    alone = model.generate(input_ids=kept, attention_mask=torch.ones_like(kept), max_new_tokens=4, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    assert sample["completions"] == [tokenizer.decode(alone[0, kept.shape[1]:], skip_special_tokens=True)]
-
-
-def test_prompts_get_exactly_one_bos_and_left_padding(tokenizer, monkeypatch) -> None:
-    model = tiny_quill(tokenizer)
-    seen = {}
-
-    def capture(input_ids, attention_mask, **kwargs):
-        seen.update(input_ids=input_ids, attention_mask=attention_mask)
-        return input_ids
-
-    monkeypatch.setattr(model, "generate", capture)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "A01"}], tokenize=False,
-                                         add_generation_prompt=True)
-    generate_samples(model, tokenizer, ["Notes: acute fever", chat], GenerationSection())
-    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
-    for ids, mask in zip(seen["input_ids"].tolist(), seen["attention_mask"].tolist()):
-        real = [token for token, keep in zip(ids, mask) if keep]
-        assert real[0] == bos and real.count(bos) == 1  # a rendered chat template already starts with BOS
-        assert mask == sorted(mask) and all(token == pad for token, keep in zip(ids, mask) if not keep)  # left pads
-    assert not bool(seen["attention_mask"].all())  # the prompts' lengths differ: one row is padded
-
-
-def test_sampling_is_seeded_and_unset_top_k_means_no_top_k(trained, tokenizer) -> None:
-    gen = GenerationSection(max_new_tokens=12, do_sample=True, temperature=1.5, num_return_sequences=3)
-    first = generate_samples(trained, tokenizer, ["A01", "Notes: acute"], gen, seed=1)
-    again = generate_samples(trained, tokenizer, ["A01", "Notes: acute"], gen, seed=1)
-    other = generate_samples(trained, tokenizer, ["A01", "Notes: acute"], gen, seed=2)
-    assert first == again and first != other
-    assert all(len(s["completions"]) == 3 for s in first)
-    # transformers fills a None top_k with 50: "unset" must reach generate as 0 (off) and top_p as 1.0.
-    kwargs = generation_kwargs(gen, tokenizer)
-    assert kwargs["top_k"] == 0 and kwargs["top_p"] == 1.0 and kwargs["temperature"] == 1.5
-    assert "top_k" not in generation_kwargs(GenerationSection(), tokenizer)  # greedy: no sampling knobs
-
-
-def test_generation_scores_come_from_the_completions(trained, tokenizer, monkeypatch) -> None:
-    """A model whose completions we choose: generate_samples decodes only the new tokens, scoring cuts each at
-    its first line break (a few-shot continuation) and compares it with the reference."""
-    answers = {"A00 means: ": " Cholera", "A01 means: ": " Typhoid fever\n\nA02 means: Other",
-               "A03 means: ": "Shig ellosis"}
-
-    def fake_generate(input_ids, attention_mask, **kwargs):
-        rows = []
-        for ids, mask in zip(input_ids, attention_mask):
-            prompt = tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
-            rows.append(torch.cat([ids, torch.tensor(tokenizer(answers[prompt], add_special_tokens=False).input_ids)]))
-        width = max(len(row) for row in rows)
-        return torch.stack([F.pad(row, (0, width - len(row)), value=tokenizer.pad_token_id) for row in rows])
-
-    monkeypatch.setattr(trained, "generate", fake_generate)
-    samples = generate_samples(trained, tokenizer, list(answers), GenerationSection(max_new_tokens=5))
-    assert [s["completions"][0] for s in samples] == list(answers.values())
-    references = ["Cholera", "Typhoid fever", "Shigellosis"]
-    scores, predictions = score_generations([s["completions"][0] for s in samples], references)
-    assert predictions == ["Cholera", "Typhoid fever", "Shig ellosis"]
-    assert scores["exact_match"] == pytest.approx(2 / 3)
-    assert scores["rouge_l"] == pytest.approx((1 + 1 + 0) / 3)
-    # A multi-line reference keeps lines: the cut moves to the first blank line.
-    _, predictions = score_generations(["line one\nline two\n\nnext example"], ["line one\nline two"])
-    assert predictions == ["line one\nline two"]
-
-
-# ------------------------------------------------------------------------------------------ the report
-
-
-def lm(ppl: float, bpb: float) -> dict:
-    return {"perplexity": ppl, "bits_per_byte": bpb, "loss": math.log(ppl), "tokens": 900, "documents": 9, "bytes": 2000}
-
-
-def sample_report() -> dict:
-    return {
-        "general": {"base": lm(12.3456789, 1.23456), "tuned": lm(13.98765, 1.3), "change": {
-            "perplexity": 13.98765 / 12.3456789 - 1, "bits_per_byte": 1.3 / 1.23456 - 1}},
-        "domain": {"base": lm(40.5, 2.5), "tuned": lm(8.25, 1.1), "change": {
-            "perplexity": 8.25 / 40.5 - 1, "bits_per_byte": 1.1 / 2.5 - 1}},
-        "tasks": {"generation": {"base": {"exact_match": 0.1, "rouge_l": 0.25}, "tuned": {"exact_match": 0.6,
-                  "rouge_l": 0.75}, "change": {"exact_match": 0.5, "rouge_l": 0.5}, "rows": 10, "few_shot": 2,
-                  "preview": [{"prompt": "A00 means: ", "reference": "Cholera", "base": "Chol|era",
-                               "tuned": "Cholera"}]}},
-        "samples": [{"prompt": "The heart", "base": [" is ```odd```"], "tuned": [" is fine"]}],
-        "settings": {"seed": 1, "general_set": "validation split of data (x)", "domain_set": "evaluate sources (y)"},
-    }
-
-
-def table_rows(markdown: str, first_cell: str) -> list[list[str]]:
-    return [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines()
-            if line.startswith(f"| {first_cell} ")]
-
-
-def test_report_files_and_the_markdown_numbers_match_the_json(tmp_path: Path) -> None:
-    report = sample_report()
-    write_report(report, tmp_path)
-    assert json.loads((tmp_path / "report.json").read_text()) == report
-    assert {p.name for p in tmp_path.glob("*.png")} == {"perplexity.png", "bits_per_byte.png", "task_generation.png"}
-    markdown = (tmp_path / "report.md").read_text()
-    verdict = markdown.split("\n\n")[1]
-    assert verdict.startswith("The tuned model is better on the domain: perplexity 40.50 → 8.25 (-79.6%).")
-    assert "General perplexity 12.35 → 13.99 (forgetting +13.3%)" in verdict
-    assert "| set | metric | base | tuned | change (relative) |" in markdown  # forgetting has its own column
-
-    checked = 0
-    for name in ("general", "domain"):
-        for set_name, metric, base, tuned, change in table_rows(markdown, name):
-            entry = report[set_name]
-            assert float(base) == pytest.approx(entry["base"][metric], abs=5e-5)
-            assert float(tuned) == pytest.approx(entry["tuned"][metric], abs=5e-5)
-            assert float(change.rstrip("%")) / 100 == pytest.approx(entry["change"][metric], abs=5e-5)
-            checked += 1
-    for _, metric, base, tuned, change in table_rows(markdown, "generation"):
-        entry = report["tasks"]["generation"]
-        assert (float(base), float(tuned), float(change)) == pytest.approx(
-            (entry["base"][metric], entry["tuned"][metric], entry["change"][metric]), abs=5e-5)
-        checked += 1
-    assert checked == 2 * 2 + 2  # every metric row of both tables was compared
-    assert "Chol\\|era" in markdown  # a pipe in a prediction does not break the table
-    assert "````text\nThe heart is ```odd```\n````" in markdown  # backticks in a sample do not close its fence
-
-
-def test_a_base_only_report_has_no_tuned_column(tmp_path: Path) -> None:
-    report = sample_report()
-    for name in ("general", "domain"):
-        report[name] = {"base": report[name]["base"]}
-    report["tasks"], report["samples"] = {}, []
-    write_report(report, tmp_path)
-    markdown = (tmp_path / "report.md").read_text()
-    assert markdown.split("\n\n")[1] == ("Only the base model was evaluated (no fine-tuned model): domain perplexity "
-                                          "40.50; general perplexity 12.35.")
-    assert "| set | metric | base |\n" in markdown
-    assert not [line for line in markdown.splitlines() if line.startswith("|") and "tuned" in line]
-    assert len(table_rows(markdown, "general")) == len(table_rows(markdown, "domain")) == 2
+    metrics = language_model_metrics(trained, tokenizer, texts, block_size=16, batch_size=3,
+                                      accelerator=Accelerator(cpu=True))
+    windows = document_loader(tokenizer, texts, block_size=16, batch_size=3)
+    blocks = [{name: value for name, value in batch.items() if name != TEXT} for batch in windows]
+    validation = evaluate_lm(trained, blocks, Accelerator(cpu=True), token_byte_lengths(tokenizer))
+    trained.eval()  # evaluate_lm hands the model back in training mode
+    assert validation == {"eval_loss": metrics["loss"], "eval_perplexity": metrics["perplexity"],
+                          "eval_tokens": metrics["tokens"], "eval_bits_per_byte": metrics["bits_per_byte"]}
 
 
 # ------------------------------------------------------------------------------------------ the whole stage
@@ -348,13 +185,13 @@ def save_adapter(model, folder: Path, tokenizer, task_type: str) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def test_run_evaluation_writes_every_artefact_and_compares_base_with_tuned(finished_run, tokenizer) -> None:
+def test_the_stage_writes_every_artefact_and_compares_base_with_tuned(finished_run, tokenizer) -> None:
     adapter = finished_run["root"] / "out" / "finetune" / "adapter"
     torch.manual_seed(1)
     save_adapter(load_base(finished_run["base"], "causal_lm", None, tokenizer), adapter, tokenizer, "CAUSAL_LM")
     recipe = tiny_recipe(finished_run, few_shot=2, generation={"prompts": ["A01 Acute", "Notes:"], "max_new_tokens": 6},
                          finetune={"prompt_template": "Code {code} means: ", "label_column": "title"})
-    report = run_evaluation(recipe, Accelerator(cpu=True))
+    report = evaluation.run(recipe, Accelerator(cpu=True))
 
     folder = recipe.output_dir / "eval"
     assert json.loads((folder / "report.json").read_text()) == json.loads(json.dumps(report))
@@ -395,7 +232,7 @@ def test_run_evaluation_writes_every_artefact_and_compares_base_with_tuned(finis
     assert report["settings"]["tuned_model"] == str(adapter)
 
 
-def test_run_evaluation_of_a_classifier_compares_the_fresh_head_with_the_tuned_one(
+def test_the_stage_of_a_classifier_compares_the_fresh_head_with_the_tuned_one(
     finished_run, tokenizer, tmp_path
 ) -> None:
     run = {**finished_run, "root": tmp_path}
@@ -411,7 +248,7 @@ def test_run_evaluation_of_a_classifier_compares_the_fresh_head_with_the_tuned_o
     # 'classification' is implied by the fine-tuning task; perplexity shows what the adapter did to the body.
     recipe = tiny_recipe(run, task="classification", tasks=["perplexity"], finetune={"label_column": "label"},
                          general=[{"name": str(general_file)}])
-    report = run_evaluation(recipe, Accelerator(cpu=True))
+    report = evaluation.run(recipe, Accelerator(cpu=True))
 
     rows = load_corpus([str(run["data"])], seed=3, validation_fraction=0.15)[1]
     rows = rows.select([i * len(rows) // 5 for i in range(5)]) if len(rows) > 5 else rows
@@ -450,7 +287,7 @@ def test_missing_or_mismatched_inputs_fail_before_any_compute(finished_run, tmp_
     (tmp_path / "out" / "pretrain").mkdir(parents=True)
     (tmp_path / "out" / "pretrain" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="run the finetune stage first"):
-        run_evaluation(tiny_recipe(run, task="causal_lm"), Accelerator(cpu=True))
+        evaluation.run(tiny_recipe(run, task="causal_lm"), Accelerator(cpu=True))
     with pytest.raises(ValueError, match="finetune.task: instruction"):
-        run_evaluation(tiny_recipe(run, task="causal_lm", tasks=["perplexity", "generation"]), Accelerator(cpu=True))
+        evaluation.run(tiny_recipe(run, task="causal_lm", tasks=["perplexity", "generation"]), Accelerator(cpu=True))
     assert not (tmp_path / "out" / "eval").exists()

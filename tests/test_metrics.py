@@ -269,6 +269,29 @@ def test_bits_per_byte_is_loss_times_tokens_per_byte_in_bits(metrics):
     assert bpb == pytest.approx(loss * sum(n_tokens) / sum(n_bytes) / math.log(2))
 
 
+@pytest.mark.parametrize(("nll_sum", "n_tokens", "n_bytes"),
+                         [([3 * math.log(4), 0.7], [3, 2], [9, 4]), ([60.0], [1], [2]), ([708.9], [1], [3]),
+                          ([709.0], [1], [1]), ([2000.0, 10.0], [2, 1], [5, 1])])
+def test_the_pipelines_scorer_and_the_metric_modules_give_the_same_figures(metrics, nll_sum, n_tokens, n_bytes):
+    """`pipeline.scoring` (the training loop's validation and the evaluation stage) pools the same sums the same way,
+    overflow included: exp(loss) until it no longer fits a float, then inf (no cap at exp(50))."""
+    from pipeline.scoring import Totals
+
+    totals = Totals(nll=math.fsum(nll_sum), targets=sum(n_tokens), text_nll=math.fsum(nll_sum), bytes=sum(n_bytes))
+    assert {"perplexity": totals.perplexity, "loss": totals.loss} == metrics["perplexity"].compute(
+        nll_sum=nll_sum, n_tokens=n_tokens)
+    assert totals.bits_per_byte == metrics["bits_per_byte"].compute(nll_sum=nll_sum, n_bytes=n_bytes)["bits_per_byte"]
+
+
+def test_the_scorers_perplexity_overflows_to_inf_and_keeps_a_nan():
+    from pipeline.scoring import Totals, perplexity
+
+    assert perplexity(60.0) == math.exp(60.0) > math.exp(50.0)
+    assert perplexity(709.0) == perplexity(1e6) == math.inf
+    assert math.isnan(perplexity(math.nan))  # diverged training shows as NaN, not as a number
+    assert Totals().loss == 0.0 and Totals().perplexity == 1.0 and Totals().bits_per_byte is None  # nothing scored
+
+
 # --- offline loading ------------------------------------------------------------------------------------
 
 _LOAD_EVERY_METRIC = textwrap.dedent(
