@@ -166,37 +166,8 @@ def decode_side_by_side(
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-def add_inspect_commands(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("inspect", help="look inside a model: tokens, params, similar, positions, attention, next, decode")
-    sub = parser.add_subparsers(dest="what", required=True)
-
-    def command(name: str, help_: str, text: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("model", help="a model folder saved by the pipeline (or a Hub id)")
-        if text:
-            p.add_argument("text")
-        p.set_defaults(handler=_handle)
-        return p
-
-    command("tokens", "split text into subwords and ids")
-    command("params", "parameter counts per component", text=False)
-    p = command("similar", "nearest tokens in embedding space")
-    p.add_argument("--metric", choices=["cosine", "dot"], default="cosine")
-    p.add_argument("--top", type=int, default=10)
-    p = command("positions", "the positional encoding as a heat map", text=False)
-    p.add_argument("--length", type=int, default=64)
-    p.add_argument("--png", type=Path, default=Path("positions.png"))
-    p = command("attention", "attention maps of one layer, all heads")
-    p.add_argument("--layer", type=int, default=0)
-    p.add_argument("--png", type=Path, default=Path("attention.png"))
-    p = command("next", "softmax over the vocabulary for the next token")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p = command("decode", "greedy / temperature / top-k / top-p side by side")
-    p.add_argument("--max-new-tokens", type=int, default=30)
-
-
-def _handle(args: argparse.Namespace) -> int:
+def inspect_command(args: argparse.Namespace) -> int:
+    """`pipeline inspect WHAT MODEL [TEXT]` (the arguments are declared in `pipeline.cli`)."""
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.what == "tokens":
         for row in tokenize_table(tokenizer, args.text):
