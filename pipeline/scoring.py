@@ -1,7 +1,7 @@
 """Held-out language-model scoring: the one definition of loss, perplexity and bits per byte.
 
-    training's validation blocks ─────────────────────────────┐ (training.evaluate_lm, bytes from token ids)
-    documents ──document_windows──► one document per window ──┴─ score_batches
+    training's validation blocks ────────────────────────────┐ (training.evaluate_lm, bytes from token ids)
+    documents ──document_loader──► one document per window ──┴─ score_batches (evaluation, bytes of the texts)
         per batch: example_sums ──► per example: Σ NLL, targets, Σ NLL of the byte-bearing targets, their bytes
                    accelerator.gather_for_metrics ──► every example once (accelerate's padding repeats dropped)
         all batches: Totals.pool (math.fsum) ──► Totals ──► loss, perplexity, bits_per_byte
@@ -10,15 +10,16 @@ Definitions, shared by the training loop's validation and the evaluation stage:
 
 * **loss**: nats per target token (``labels != -100`` after the shift), zero-byte targets such as a document's
   closing EOS included: the model must learn to stop.
-* **perplexity**: ``exp(loss)``; ``inf`` once that overflows a float (loss ≥ 709 nats per token); NaN stays NaN.
+* **perplexity**: ``exp(loss)``; ``inf`` once that overflows a float (loss ≥ 709 nats per token, the guard of the
+  ``perplexity`` metric module too); NaN stays NaN.
 * **bits per byte**, as lm-evaluation-harness defines it: the NLL in bits of the targets that stand for at least
   one byte of text, over those bytes. Unlike perplexity it compares models with different tokenizers. Which
   targets bear bytes comes with the batch: a ``text`` column (1 on the tokens of the text itself; the caller
   counts the text's UTF-8 bytes, which works for any tokenizer) or else ``byte_lengths[target] > 0``
   (`pipeline.data.token_byte_lengths`, byte-level BPE).
 
-Per-example sums are pooled with `math.fsum`, exactly rounded, so the figures do not depend on the batch size,
-the batch order or the number of processes.
+Per-example sums are pooled with `math.fsum` (exactly rounded), so the totals do not depend on the order in which
+the examples arrive: batches, processes.
 """
 
 from __future__ import annotations

@@ -51,18 +51,12 @@ def tiny_quill(tokenizer, **overrides) -> QuillForCausalLM:
     return QuillForCausalLM(QuillConfig(**{**config, **overrides})).eval()
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+def rows_tokenizer():
+    """A small byte-level BPE trained on `make_rows`."""
     return train_tokenizer([row["text"] for row in make_rows()], vocab_size=300)
 
 
-@pytest.fixture(scope="module")
-def texts() -> list[str]:
-    return [row["text"] for row in make_rows(12)]
-
-
-@pytest.fixture(scope="module")
-def trained(tokenizer, texts) -> QuillForCausalLM:
+def fitted_quill(tokenizer, texts: list[str]) -> QuillForCausalLM:
     """A Quill fitted for a few full-batch steps on `texts` (each document as [bos] + tokens + [eos])."""
     model = tiny_quill(tokenizer).train()
     documents = [{"input_ids": [tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids,
@@ -74,6 +68,21 @@ def trained(tokenizer, texts) -> QuillForCausalLM:
         optimizer.step()
         optimizer.zero_grad()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return rows_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return [row["text"] for row in make_rows(12)]
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer, texts) -> QuillForCausalLM:
+    return fitted_quill(tokenizer, texts)
 
 
 # ------------------------------------------------------------------------------------------ language modelling

@@ -10,7 +10,17 @@ import torch.nn.functional as F
 
 from pipeline.generation import few_shot_prompt, generate_samples, generation_kwargs, score_generations
 from pipeline.recipe import GenerationSection
-from test_evaluation import WORDS, tiny_quill, tokenizer, trained, texts  # noqa: F401  (fixtures)
+from test_evaluation import WORDS, fitted_quill, make_rows, rows_tokenizer, tiny_quill
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return rows_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer):
+    return fitted_quill(tokenizer, [row["text"] for row in make_rows(12)])
 
 
 def test_few_shot_prompt_puts_k_solved_examples_before_the_query() -> None:

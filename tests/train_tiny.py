@@ -41,10 +41,11 @@ def model(dropout: float = 0.0) -> QuillForCausalLM:
 
 def run(options: dict) -> dict:
     out = Path(options["output_dir"])
+    max_steps = options.get("max_steps", 6)
     cfg = TrainSection(
-        max_steps=options.get("max_steps", 6), batch_size=options.get("batch_size", 4),
+        max_steps=max_steps, batch_size=options.get("batch_size", 4),
         gradient_accumulation_steps=options.get("gradient_accumulation_steps", 1), learning_rate=3e-3,
-        warmup_steps=2, lr_scheduler="cosine", min_lr_ratio=0.1, weight_decay=0.1, max_grad_norm=1.0,
+        warmup_steps=min(2, max_steps), lr_scheduler="cosine", min_lr_ratio=0.1, weight_decay=0.1, max_grad_norm=1.0,
         eval_every=1000, log_every=1, save_every=options.get("save_every", 1000), keep_last=options.get("keep_last", 2),
         resume=options.get("resume", "never"), trackers=options.get("trackers", ["jsonl"]),
         mixed_precision=options.get("mixed_precision", "no"),
