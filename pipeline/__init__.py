@@ -15,12 +15,14 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
+from .models import quill
 from .models.quill import (
     QuillConfig,
     QuillForCausalLM,
     QuillForSequenceClassification,
     QuillForTokenClassification,
     QuillModel,
+    QuillPreTrainedModel,
 )
 
 __version__ = "0.1.0"
@@ -58,11 +60,4 @@ def _register_with_peft() -> None:
 
 _register_with_peft()
 
-__all__ = [
-    "QuillConfig",
-    "QuillForCausalLM",
-    "QuillForSequenceClassification",
-    "QuillForTokenClassification",
-    "QuillModel",
-    "__version__",
-]
+__all__ = [*quill.__all__, "__version__"]
