@@ -22,7 +22,7 @@ from .models.quill import (
     QuillForSequenceClassification,
     QuillForTokenClassification,
     QuillModel,
-    QuillPreTrainedModel,
+    QuillPreTrainedModel,  # noqa: F401  (exported: listed in quill.__all__)
 )
 
 __version__ = "0.1.0"

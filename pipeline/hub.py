@@ -17,7 +17,6 @@ Layout of the upload folder (= the repo)::
 
 from __future__ import annotations
 
-import dataclasses
 import filecmp
 import json
 import math
@@ -225,9 +224,8 @@ def _recipe_section(recipe: Mapping | None) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """Recipe -> YAML-safe builtins (paths and enums as text), with secrets redacted."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
+    """A recipe mapping (`recipe_to_dict`, which already drops ``hub.token``) -> YAML-safe builtins, paths and enums as
+    text, with anything that looks like a secret redacted: the card may be given any mapping, and is public."""
     if isinstance(value, Mapping):
         return {
             str(k): "<redacted>" if str(k).lower() in _SECRET_KEYS and v is not None else _plain(v)

@@ -459,3 +459,10 @@ def test_json_schema_rejects_an_unknown_key():
                 {**valid, "finetune": {"train": {"enabled": False}}}):
         with pytest.raises(jsonschema.ValidationError, match="Additional properties are not allowed"):
             validator.validate(bad)
+
+
+def test_pipeline_schema_prints_the_published_schema(capsys):
+    from pipeline.cli import main
+
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == recipe_json_schema()
