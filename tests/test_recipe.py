@@ -466,3 +466,16 @@ def test_pipeline_schema_prints_the_published_schema(capsys):
 
     assert main(["schema"]) == 0
     assert json.loads(capsys.readouterr().out) == recipe_json_schema()
+
+
+def test_an_unknown_key_does_not_hide_its_sections_own_rules(workdir):
+    """Every problem in one run: a typo'd key and a rule between two fields of the same section are both reported,
+    but a rule is not judged on a default that stands in for a rejected value."""
+    with pytest.raises(RecipeError) as caught:
+        _load(MINIMAL + "pretrain: {max_steps: 10, warmup_steps: 50, lerning_rate: 1e-3}\n"
+              "model: {hidden_size: 30, num_attention_heads: 4, bogus: 1}\n")
+    keys = [key for key, _ in caught.value.problems]
+    assert sorted(keys) == ["model.bogus", "model.num_attention_heads", "pretrain.lerning_rate", "pretrain.warmup_steps"]
+    with pytest.raises(RecipeError) as caught:
+        _load(MINIMAL + "pretrain: {max_steps: 0, warmup_steps: 1500}\n")
+    assert [key for key, _ in caught.value.problems] == ["pretrain.max_steps"]  # not "1500 exceeds the default 1000"

@@ -130,7 +130,8 @@ def _build(data: Any, overrides: Sequence[str], source: str | None) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as error:
         problems += _translate(error, Recipe)
-        recipe, pruned = _salvage(raw, error)
+        recipe, pruned, more = _salvage(raw, error)
+        problems += [problem for problem in more if problem not in problems]
         if recipe is None:
             raise RecipeError(problems, source) from None
     _resolve(recipe)
@@ -141,13 +142,14 @@ def _build(data: Any, overrides: Sequence[str], source: str | None) -> Recipe:
     return recipe
 
 
-def _salvage(raw: dict[str, Any], error: ValidationError) -> tuple[Recipe | None, list[str]]:
-    """The recipe with the values that failed their own checks left out (defaults instead), and their key paths,
-    so that the checks across sections and of this machine report in the same run; None after a wrong type."""
+def _salvage(raw: dict[str, Any], error: ValidationError) -> tuple[Recipe | None, list[str], list[Problem]]:
+    """The recipe with the values that failed their own checks left out (defaults instead), their key paths, and
+    the rules between fields that those values hid (a section with an unknown key never reached its own rules), so
+    that every check reports in the same run; None after a wrong type."""
     errors = error.errors(include_url=False)
     if any(e["type"] not in _SOFT for e in errors):
-        return None, []
-    pruned, paths = copy.deepcopy(raw), []
+        return None, [], []
+    pruned, paths, values = copy.deepcopy(raw), [], []
     try:
         for detail in sorted(errors, key=lambda e: e["loc"], reverse=True):  # later list items first: indices hold
             if detail["type"] != "recipe_problems":  # a section's own rules: reported, and its values are fine
@@ -157,9 +159,18 @@ def _salvage(raw: dict[str, Any], error: ValidationError) -> tuple[Recipe | None
                     node = node[step]
                 del node[last]
                 paths.append(_dotted(detail["loc"]))
-        return Recipe.model_validate(pruned, context={"skip_section_rules": True}), paths
+                if detail["type"] != "extra_forbidden":
+                    values.append(_dotted(tuple(parents)))
+        hidden: list[Problem] = []
+        try:
+            Recipe.model_validate(pruned)
+        except ValidationError as rules:  # only section rules can fail now: what is left has the right types
+            # A rule over a section whose own value was replaced by its default would judge a value nobody wrote.
+            hidden = [(key, message) for key, message in _translate(rules, Recipe)
+                      if not any(key.rpartition(".")[0] == section for section in values)]
+        return Recipe.model_validate(pruned, context={"skip_section_rules": True}), paths, hidden
     except (LookupError, TypeError, ValidationError):  # e.g. a required value was left out
-        return None, []
+        return None, [], []
 
 
 def _within(key: str, path: str) -> bool:
