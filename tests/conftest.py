@@ -45,21 +45,9 @@ def trained_lm(tmp_path_factory):
     return build(tmp_path_factory.mktemp("trained-lm"))
 
 
-def _tiny_quill(tokenizer=None, *, seed: int = 0, **overrides):
-    """The tests' tiny Quill (2 layers of width 32, 4 query / 2 key-value heads), in eval mode; vocabulary and
-    special ids from ``tokenizer`` unless ``overrides`` give them."""
-    from pipeline.models.quill import QuillConfig, QuillForCausalLM
-
-    config = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64)
-    if tokenizer is not None:
-        config.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    return QuillForCausalLM(QuillConfig(**{**config, **overrides})).eval()
-
-
 @pytest.fixture(scope="session")
 def tiny_quill():
-    """Factory of the tests' tiny Quill: ``tiny_quill(tokenizer, **config_overrides)``."""
-    return _tiny_quill
+    """Factory of the tests' tiny Quill: ``tiny_quill(tokenizer, **config_overrides)`` (see tiny.py)."""
+    from tiny import tiny_quill
+
+    return tiny_quill

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -18,57 +17,15 @@ from transformers import AutoModelForSequenceClassification
 
 import pipeline  # noqa: F401  (registers Quill with the Auto classes)
 from pipeline import evaluation
-from pipeline.data import collate, load_corpus, token_byte_lengths
+from pipeline.data import load_corpus, token_byte_lengths
 from pipeline.evaluation import language_model_metrics
 from pipeline.loading import load_base
 from pipeline.metrics import load_metric
-from pipeline.models.quill import QuillConfig, QuillForCausalLM
+from pipeline.models.quill import QuillForCausalLM
 from pipeline.recipe import recipe_from_dict
 from pipeline.scoring import TEXT, document_loader
-from pipeline.tokenizer import train_tokenizer
 from pipeline.training import seed_everything
-
-WORDS = ("acute chronic fever infection of the lung heart kidney bone with without mention due to other "
-         "unspecified disease injury fracture left right upper lower limb").split()
-
-
-def make_rows(n: int = 40) -> list[dict]:
-    """ICD-like rows: a code, a title, a text that starts with both, and a class label."""
-    rng = random.Random(0)
-    rows = []
-    for i in range(n):
-        title = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 5))).capitalize()
-        notes = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 40)))
-        rows.append({"code": f"A{i:02d}", "title": title, "text": f"A{i:02d} {title}\nNotes: {notes}", "label": i % 3})
-    return rows
-
-
-def tiny_quill(tokenizer, **overrides) -> QuillForCausalLM:
-    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    return QuillForCausalLM(QuillConfig(**{**config, **overrides})).eval()
-
-
-def rows_tokenizer():
-    """A small byte-level BPE trained on `make_rows`."""
-    return train_tokenizer([row["text"] for row in make_rows()], vocab_size=300)
-
-
-def fitted_quill(tokenizer, texts: list[str]) -> QuillForCausalLM:
-    """A Quill fitted for a few full-batch steps on `texts` (each document as [bos] + tokens + [eos])."""
-    model = tiny_quill(tokenizer).train()
-    documents = [{"input_ids": [tokenizer.bos_token_id, *tokenizer(t, add_special_tokens=False).input_ids,
-                                tokenizer.eos_token_id][:96]} for t in texts]
-    batch = collate(documents, tokenizer.pad_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
-    for _ in range(15):
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
-
+from tiny import fitted_quill, make_rows, rows_quill, rows_tokenizer
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -126,7 +83,7 @@ def test_language_model_metrics_equal_a_hand_computation(trained, tokenizer, tex
 
 
 def test_a_uniform_model_has_perplexity_equal_to_the_vocabulary(tokenizer, texts) -> None:
-    model = tiny_quill(tokenizer)
+    model = rows_quill(tokenizer)
     torch.nn.init.zeros_(model.lm_head.weight)  # tied: every logit is 0, every token has probability 1/V
     metrics = language_model_metrics(model, tokenizer, texts, block_size=32, batch_size=4,
                                      accelerator=Accelerator(cpu=True))
@@ -140,7 +97,7 @@ def test_a_uniform_model_has_perplexity_equal_to_the_vocabulary(tokenizer, texts
 def test_a_model_trained_on_the_texts_has_lower_perplexity_than_an_untrained_one(trained, tokenizer, texts) -> None:
     settings = dict(block_size=64, batch_size=4, accelerator=Accelerator(cpu=True))
     fitted = language_model_metrics(trained, tokenizer, texts, **settings)
-    untrained = language_model_metrics(tiny_quill(tokenizer), tokenizer, texts, **settings)
+    untrained = language_model_metrics(rows_quill(tokenizer), tokenizer, texts, **settings)
     assert fitted["perplexity"] < 0.5 * untrained["perplexity"]
     assert fitted["bits_per_byte"] < untrained["bits_per_byte"]
 
@@ -170,7 +127,7 @@ def finished_run(tmp_path_factory, tokenizer) -> dict:
     rows = make_rows()
     data = root / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    base = tiny_quill(tokenizer)
+    base = rows_quill(tokenizer)
     base.save_pretrained(root / "out" / "pretrain")
     tokenizer.save_pretrained(root / "out" / "pretrain")
     return {"root": root, "data": data, "base": root / "out" / "pretrain"}
@@ -246,7 +203,7 @@ def test_the_stage_of_a_classifier_compares_the_fresh_head_with_the_tuned_one(
 ) -> None:
     run = {**finished_run, "root": tmp_path}
     base_folder = tmp_path / "out" / "pretrain"
-    tiny_quill(tokenizer).save_pretrained(base_folder)
+    rows_quill(tokenizer).save_pretrained(base_folder)
     tokenizer.save_pretrained(base_folder)
     adapter = tmp_path / "out" / "finetune" / "adapter"
     torch.manual_seed(5)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pipeline.generation import few_shot_prompt, generate_samples, generation_kwargs, score_generations
 from pipeline.recipe import GenerationSection
-from test_evaluation import WORDS, fitted_quill, make_rows, rows_tokenizer, tiny_quill
+from tiny import WORDS, fitted_quill, make_rows, rows_quill, rows_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_few_shot_prompt_puts_k_solved_examples_before_the_query() -> None:
 
 
 def test_batched_greedy_generation_equals_generating_one_prompt_at_a_time(tokenizer) -> None:
-    model = tiny_quill(tokenizer, initializer_range=0.3)  # large weights: context-dependent, tie-free argmaxes
+    model = rows_quill(tokenizer, initializer_range=0.3)  # large weights: context-dependent, tie-free argmaxes
     prompts = ["A01 Acute", "A17 Chronic fever of the", "Notes:", "A3"]  # different lengths: left padding
     gen = GenerationSection(max_new_tokens=8)
     samples = generate_samples(model, tokenizer, prompts, gen, batch_size=4)
@@ -53,7 +53,7 @@ def test_batched_greedy_generation_equals_generating_one_prompt_at_a_time(tokeni
 
 
 def test_a_prompt_longer_than_the_positions_keeps_its_end(tokenizer) -> None:
-    model = tiny_quill(tokenizer, position_embedding_type="learned", max_position_embeddings=24, initializer_range=0.3)
+    model = rows_quill(tokenizer, position_embedding_type="learned", max_position_embeddings=24, initializer_range=0.3)
     prompt = " ".join(WORDS)  # ~90 tokens: more than a learned table of 24 positions can embed
     [sample] = generate_samples(model, tokenizer, [prompt], GenerationSection(max_new_tokens=4))
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
@@ -64,7 +64,7 @@ def test_a_prompt_longer_than_the_positions_keeps_its_end(tokenizer) -> None:
 
 
 def test_prompts_get_exactly_one_bos_and_left_padding(tokenizer, monkeypatch) -> None:
-    model = tiny_quill(tokenizer)
+    model = rows_quill(tokenizer)
     seen = {}
 
     def capture(input_ids, attention_mask, **kwargs):

@@ -161,9 +161,8 @@ def _salvage(raw: dict[str, Any], error: ValidationError) -> tuple[Recipe | None
                 paths.append(_dotted(detail["loc"]))
                 if detail["type"] != "extra_forbidden":
                     values.append(_dotted(tuple(parents)))
-        hidden: list[Problem] = []
         try:
-            Recipe.model_validate(pruned)
+            return Recipe.model_validate(pruned), paths, []
         except ValidationError as rules:  # only section rules can fail now: what is left has the right types
             # A rule over a section whose own value was replaced by its default would judge a value nobody wrote.
             hidden = [(key, message) for key, message in _translate(rules, Recipe)
