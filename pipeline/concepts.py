@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from pipeline.models import quill  # noqa: F401  (registers Quill: AutoModelForCausalLM must know it)
+
 
 # ---------------------------------------------------------------------------------------------------- tokens
 def tokenize_table(tokenizer: PreTrainedTokenizerBase, text: str) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipeline.models.quill import QuillConfig, QuillForCausalLM
+from pipeline.models.quill import QuillConfig, QuillForCausalLM  # importing it registers Quill with the Auto classes
 
 if TYPE_CHECKING:
     from pipeline.recipe import ModelSection

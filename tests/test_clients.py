@@ -21,7 +21,7 @@ from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import pipeline  # noqa: F401  (registers Quill with the Auto classes and PEFT)
+import pipeline.models.quill  # noqa: F401  (registers Quill with the Auto classes and PEFT)
 from pipeline.evaluation import language_model_metrics, measure_pair
 from pipeline.finetune import lora_config, save_adapter
 from pipeline.loading import load_base, merge_adapter

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-import pipeline  # noqa: F401  (registers Quill with the Auto classes)
+import pipeline.models.quill  # noqa: F401  (registers Quill with the Auto classes)
 from pipeline import evaluation
 from pipeline.data import load_corpus, token_byte_lengths
 from pipeline.evaluation import language_model_metrics

@@ -352,7 +352,7 @@ def test_classification_examples_keep_one_integer_label_per_text(base_dir) -> No
 
 
 if __name__ == "__main__":  # launched by accelerate on two CPU ranks: fine-tune the recipe file given
-    import pipeline  # noqa: F401  (registers Quill with the Auto classes)
+    import pipeline.models.quill  # noqa: F401  (registers Quill with the Auto classes)
 
     launched_recipe = load_recipe(sys.argv[1])
     accelerator = build_accelerator(launched_recipe.finetune.train, launched_recipe.output_dir / "finetune",

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-import pipeline  # noqa: F401  (registers the Auto classes)
+import pipeline.models.quill  # noqa: F401  (registers the Auto classes)
 from generation_checks import (
     CONTEXT_MARGIN,
     SCORE_ATOL,

@@ -127,8 +127,8 @@ PUSH = """
 import importlib.util, json, sys, types
 from pathlib import Path
 
-# The package __init__ imports torch and transformers (it registers Quill); the push needs neither, so load the
-# module file on its own and each of these subprocesses starts in well under a second.
+# The push needs neither torch nor transformers, and `pipeline.hub` imports neither: each of these subprocesses
+# starts in well under a second.
 spec = importlib.util.spec_from_file_location("pipeline_hub", sys.argv[1])
 hub = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(hub)

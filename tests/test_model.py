@@ -20,7 +20,7 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-import pipeline  # noqa: F401  (registers the Auto classes)
+import pipeline.models.quill  # noqa: F401  (registers the Auto classes)
 from generation_checks import (
     CONTEXT_MARGIN,
     SCORE_ATOL,

@@ -23,7 +23,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import constants as peft_constants
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import pipeline  # noqa: F401  (registers Quill with the Auto classes and PEFT)
+import pipeline.models.quill  # noqa: F401  (registers Quill with the Auto classes and PEFT)
 from pipeline.models.quill import QuillConfig, QuillForCausalLM
 from pipeline.models.quill.modeling_quill import CACHE_FIELD
 

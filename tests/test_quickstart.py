@@ -115,7 +115,7 @@ def test_the_push_is_one_commit_that_loads_where_pipeline_is_absent(quickstart) 
     assert result.returncode == 0, result.stderr[-4000:]
     assert "transformers_modules" in result.stdout
     remote = torch.load(tmp_path / "remote.pt")
-    import pipeline  # noqa: F401  (registers Quill for the local load)
+    import pipeline.models.quill  # noqa: F401  (registers Quill for the local load)
     from transformers import AutoModelForCausalLM
 
     local = AutoModelForCausalLM.from_pretrained(out / "finetune" / "merged").eval()

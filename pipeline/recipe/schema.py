@@ -246,7 +246,7 @@ class ModelSection(Section):
             )
         if self.position_embedding_type == "sinusoidal" and width % 2:
             yield "hidden_size", f"must be even for sinusoidal positions, got {width}."
-        from pipeline.models.quill.configuration_quill import HIDDEN_ACTS  # already imported by `pipeline`
+        from pipeline.models.quill.configuration_quill import HIDDEN_ACTS  # imports transformers: only here
 
         if self.hidden_act not in HIDDEN_ACTS:
             suggestion = suggest(self.hidden_act, HIDDEN_ACTS)
