@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pipeline.recipe import Recipe
 
-__all__ = ["RunArtifacts", "TunedModel", "base_model", "check_model_folder", "tuned_model"]
+__all__ = ["MODEL_WEIGHTS", "TOKENIZER_FILES", "RunArtifacts", "TunedModel", "base_key", "base_model", "check_model_folder",
+           "model_folder_problem", "tokenizer_folder_problem", "tuned_model"]
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,10 @@ def base_model(recipe: Recipe, *, check: bool = True) -> str:
 
     ``finetune.base`` when fine-tuning runs and names one (the loaded recipe fills it with ``model.path`` when
     pretraining is off), else this run's ``pretrain/`` when pretraining runs, else ``model.path``. With ``check``, a
-    local folder that is missing or holds no ``config.json`` raises `FileNotFoundError` naming the fix, so a stage
-    fails before any compute."""
+    local folder that is missing or holds no model raises `FileNotFoundError` naming the fix, so a stage fails
+    before any compute."""
     if recipe.runs("finetune") and recipe.finetune.base is not None:
-        location, key = recipe.finetune.base, "finetune.base"
+        location, key = recipe.finetune.base, base_key(recipe)
     elif recipe.runs("pretrain"):
         location, key = str(RunArtifacts.of(recipe).pretrain), None
     elif recipe.model.path is not None:
@@ -109,23 +110,60 @@ def base_model(recipe: Recipe, *, check: bool = True) -> str:
     return location
 
 
+def base_key(recipe: Recipe) -> str:
+    """The recipe field the user wrote the fine-tuning base in: ``model.path`` when ``finetune.base`` was filled
+    from it (pretraining off), else ``finetune.base``."""
+    return "model.path" if recipe.finetune.base == recipe.model.path else "finetune.base"
+
+
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+"""The weight files `from_pretrained` looks for in a model folder (transformers' SAFE_WEIGHTS_NAME and siblings)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""Either one makes a folder a tokenizer `AutoTokenizer.from_pretrained` loads."""
+
+
 def check_model_folder(location: str, key: str | None) -> None:
     """Raise `FileNotFoundError` when ``location`` is local but holds no model; a Hub id passes (it is not fetched).
     ``key`` names the recipe field that gave it; None means this run's pretrain output."""
-    if not is_local(location):
-        return
-    path = Path(location).expanduser()
-    if (path / "config.json").is_file():
+    problem = model_folder_problem(location)
+    if problem is None:
         return
     if key is None:
         raise FileNotFoundError(
-            f"the base model {path} does not exist (or holds no config.json): the pretrain stage has not run. Fix: run "
-            "pretraining first (pretrain.enabled: true), or set finetune.base to a model folder or Hub id."
+            f"the base model {Path(location).expanduser()} does not exist (or holds no config.json): the pretrain stage "
+            "has not run. Fix: run pretraining first (pretrain.enabled: true), or set finetune.base to a model folder "
+            "or Hub id."
         )
-    what = "holds no config.json" if path.is_dir() else "does not exist"
-    raise FileNotFoundError(
-        f"{key} {location!r} {what}. Fix: point it at a save_pretrained model folder or a Hub id 'owner/name'."
-    )
+    raise FileNotFoundError(f"{key} {problem}")
+
+
+def model_folder_problem(location: str, *, weights: bool = False) -> str | None:
+    """What is wrong with ``location`` as a model (its recipe key goes in front), or None: a local folder with a
+    config.json (and, with ``weights``, a weight file), or a Hub id (not fetched)."""
+    if not is_local(location):
+        return None
+    path = Path(location).expanduser()
+    fix = "Fix: point it at a save_pretrained model folder or a Hub id 'owner/name'."
+    if not path.is_dir():
+        return f"{location!r} does not exist. {fix}"
+    if not (path / "config.json").is_file():
+        return f"{location!r} holds no config.json. {fix}"
+    if weights and not any((path / name).is_file() for name in MODEL_WEIGHTS):
+        return f"{location!r} holds a config.json but no weights ({', '.join(MODEL_WEIGHTS[::2])}). {fix}"
+    return None
+
+
+def tokenizer_folder_problem(location: str) -> str | None:
+    """What is wrong with ``location`` as a tokenizer, or None: a local folder with a tokenizer file, or a Hub id."""
+    if not is_local(location):
+        return None
+    path = Path(location).expanduser()
+    fix = "Fix: point it at a folder written by tokenizer.save_pretrained (or a model folder that holds one), or a Hub id."
+    if not path.is_dir():
+        return f"{location!r} does not exist. {fix}"
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return f"{location!r} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}). {fix}"
+    return None
 
 
 def is_local(location: str) -> bool:

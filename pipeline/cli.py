@@ -1,5 +1,5 @@
-"""Command line: `pipeline run RECIPE [--stages ...] [--dry-run] [KEY.SUB=VALUE ...]`, `pipeline schema`,
-`pipeline inspect ...`.
+"""Command line: `pipeline run RECIPE [--stages ...] [--dry-run] [KEY.SUB=VALUE ...]`, `schema`, `inspect`, and
+what comes after training: `generate`, `chat`, `serve`, `merge`, `export`.
 
 The same command runs on many processes: `accelerate launch [--config_file ...] -m pipeline run RECIPE`.
 
@@ -19,27 +19,61 @@ from pathlib import Path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(argv)
     return args.handler(args)
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    # `run`'s KEY=VALUE overrides may come after its options (`run R --dry-run pretrain.max_steps=5`), where plain
+    # argparse stops taking positionals; whatever else is left over is an error as usual.
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    if args.command == "run" and overrides:
+        args.overrides = [*args.overrides, *overrides]
+        extra = [item for item in extra if item not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline import __version__
+
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run(commands)
     _add_schema(commands)
     _add_inspect(commands)
+    _add_generate(commands)
+    _add_chat(commands)
+    _add_serve(commands)
+    _add_merge(commands)
+    _add_export(commands)
     return parser
 
 
 # ------------------------------------------------------------------------------------------ run
 def _add_run(commands: argparse._SubParsersAction) -> None:
-    run = commands.add_parser("run", help="run a YAML recipe (all stages, or --stages)")
+    run = commands.add_parser(
+        "run", help="run a YAML recipe (all stages, or --stages)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pipeline run recipes/quickstart.yaml\n"
+               "  pipeline run recipes/quickstart.yaml --dry-run pretrain.max_steps=50 data.block_size=64\n"
+               "  accelerate launch -m pipeline run recipes/medical-lora.yaml     # many processes or GPUs\n\n"
+               "A rerun skips every finished stage whose recipe sections and data are unchanged. An interrupted\n"
+               "training stage resumes from its newest sound checkpoint: pretrain.resume=auto (the default), or\n"
+               "pretrain.resume=never (start afresh; old checkpoints are moved aside), or pretrain.resume=PATH\n"
+               "(a checkpoint folder); finetune.train.resume likewise. --force STAGE rebuilds a finished stage.",
+    )
     run.add_argument("recipe", help="path to the recipe YAML (recipes/quickstart.yaml is the default one)")
     run.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="override recipe values, e.g. pretrain.max_steps=50")
     run.add_argument("--stages", help="comma-separated subset of: tokenizer,pretrain,finetune,evaluate,hub")
     run.add_argument("--dry-run", action="store_true", help="print the resolved recipe and its plan; run nothing")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="rebuild STAGE even when it is up to date (repeatable); its old folder is moved aside")
     run.add_argument(
         "--num-processes", type=int, default=None,
         help="processes this run must have (refuses to start in any other world; default: what the launcher set)",
@@ -59,10 +93,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         import yaml
 
+        from pipeline import preflight
         from pipeline.plan import plan
 
         print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
         print("# plan\n" + json.dumps(plan(recipe, args.num_processes or 1), indent=2))
+        try:
+            preflight.check(recipe, stages)  # what `pipeline run` would refuse, refused here too
+        except RecipeError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         return 0
 
     from accelerate import PartialState
@@ -71,7 +111,10 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_recipe
 
     try:
-        outcomes = run_recipe(recipe, stages=stages, expected_processes=args.num_processes)
+        outcomes = run_recipe(recipe, stages=stages, expected_processes=args.num_processes, force=args.force)
+    except RecipeError as error:  # the pre-flight checks: nothing ran
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (HubPushError, ValueError, FileNotFoundError, RuntimeError) as error:
         # Problems with the user's data, world or Hub access: the message names the problem and the fix.
         if os.environ.get("PIPELINE_DEBUG"):
@@ -118,24 +161,282 @@ def _add_inspect(commands: argparse._SubParsersAction) -> None:
     command("params", "parameter counts per component", text=False)
     p = command("similar", "nearest tokens in embedding space")
     p.add_argument("--metric", choices=["cosine", "dot"], default="cosine")
-    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--top", type=_positive, default=10)
     p = command("positions", "the positional encoding as a heat map", text=False)
-    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--length", type=_positive, default=64)
     p.add_argument("--png", type=Path, default=Path("positions.png"))
     p = command("attention", "attention maps of one layer, all heads")
-    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--layer", type=_non_negative, default=0)
     p.add_argument("--png", type=Path, default=Path("attention.png"))
     p = command("next", "softmax over the vocabulary for the next token")
-    p.add_argument("--top", type=int, default=10)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top", type=_positive, default=10)
+    p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="0 means greedy: all mass on the argmax")
     p = command("decode", "greedy / temperature / top-k / top-p side by side")
-    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--max-new-tokens", type=_positive, default=30)
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from pipeline.concepts import inspect_command
 
-    return inspect_command(args)
+    try:
+        return inspect_command(args)
+    except (ValueError, OSError) as error:  # a user's folder, word, layer or prompt: the message says what to fix
+        if os.environ.get("PIPELINE_DEBUG"):
+            raise
+        print(f"error: {error}\n(set PIPELINE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+def _number(text: str, kind: type, low: float, words: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {words}") from None
+    if not value >= low:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not {words}")
+    return value
+
+
+def _positive(text: str) -> int:
+    return int(_number(text, int, 1, "a whole number >= 1"))
+
+
+def _non_negative(text: str) -> int:
+    return int(_number(text, int, 0, "a whole number >= 0"))
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text, float, 0, "a number >= 0")
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return float(value)
+
+
+# ------------------------------------------------------------------------------------------ generate, chat, serve
+_MODEL_HELP = ("a model folder (a run's pretrain/ or finetune/merged/, any save_pretrained causal LM) or a Hub id")
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=_MODEL_HELP)
+    parser.add_argument("--adapter", type=Path, help="a PEFT adapter folder to attach to MODEL (e.g. finetune/adapter)")
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    """The `inference.Sampling` fields as options; the defaults are Sampling's own (tests/test_inference.py checks)."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (%(default)s)")
+    group.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (%(default)s)")
+    group.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all (%(default)s)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off (%(default)s)")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top one; 0 = off (%(default)s)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (%(default)s)")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="end the text before TEXT (repeatable; escapes like \\n are read)")
+    group.add_argument("--seed", type=int, default=None, help="for reproducible samples (default: a fresh one)")
+
+
+def _sampling(args: argparse.Namespace):  # -> inference.Sampling
+    from pipeline.inference import Sampling
+
+    stop = tuple(s.encode().decode("unicode_escape") for s in args.stop)
+    return Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, stop=stop,
+                    seed=args.seed, num_samples=getattr(args, "num_samples", 1))
+
+
+def _report(error: Exception) -> int:
+    if os.environ.get("PIPELINE_DEBUG"):
+        raise error
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "generate", help="complete a prompt (or a file of them) with your sampling settings, streaming the text",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pipeline generate runs/quickstart/finetune/merged \"ICD-10-CM code J45 means: \" --temperature 0\n"
+               "  pipeline generate runs/quickstart/pretrain \"To be\" --adapter runs/quickstart/finetune/adapter\n"
+               "  pipeline generate MODEL --file prompts.jsonl --num-samples 4 --seed 0 --json > out.jsonl\n"
+               "  echo \"What is asthma?\" | pipeline generate MODEL - --chat --system \"Answer briefly.\"",
+    )
+    _add_model(parser)
+    parser.add_argument("prompt", nargs="?", help="the prompt; - reads it from stdin")
+    parser.add_argument("--file", type=Path, help="prompts, one a line; a .jsonl file: {\"prompt\": ...} or "
+                        "{\"messages\": [...]} a line")
+    parser.add_argument("--chat", action="store_true", help="send each text prompt as a user message through the "
+                        "chat template")
+    parser.add_argument("--system", help="the system message of --chat prompts")
+    parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt (%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (%(default)s)")
+    parser.add_argument("--json", action="store_true", help="one JSON object a prompt: completions, token counts, "
+                        "settings")
+    _add_sampling(parser)
+    parser.set_defaults(handler=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pipeline.inference import (
+        as_chat,
+        load_for_inference,
+        print_completions,
+        read_prompts,
+    )
+
+    try:
+        sampling = _sampling(args)
+        if (args.prompt is None) == (args.file is None):
+            raise ValueError("give a PROMPT or --file PROMPTS (one of them)")
+        if args.file is not None:
+            prompts = read_prompts(args.file, chat=args.chat, system=args.system)
+        else:
+            text = sys.stdin.read().removesuffix("\n") if args.prompt == "-" else args.prompt
+            prompts = [as_chat(text, args.system) if args.chat else text]
+        model, tokenizer = load_for_inference(args.model, args.adapter)
+        print_completions(model, tokenizer, prompts, sampling, as_json=args.json, batch_size=args.batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        return _report(error)
+    return 0
+
+
+def _add_chat(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "chat", help="talk to a model in the terminal, through its chat template",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="in the chat: /settings shows the sampling, /settings temperature=0.7 top_k=40 changes it,\n"
+               "/reset forgets the conversation, /exit (or end of input, Ctrl-D) ends; Ctrl-C stops a reply.\n"
+               "The oldest turns are dropped (and you are told) when the conversation outgrows the context.\n\n"
+               "example:\n"
+               "  pipeline chat runs/quickstart/finetune/merged --system \"Answer briefly.\" --temperature 0.7",
+    )
+    _add_model(parser)
+    parser.add_argument("--system", help="the system message")
+    parser.add_argument("--show-prompt", action="store_true",
+                        help="write each prompt sent to the model (messages and rendered text) to stderr as JSON")
+    _add_sampling(parser)
+    parser.set_defaults(handler=_chat)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from pipeline.inference import chat_session, load_for_inference
+
+    try:
+        sampling = _sampling(args)
+        model, tokenizer = load_for_inference(args.model, args.adapter)
+        return chat_session(model, tokenizer, sampling, system=args.system,
+                            show_prompt=sys.stderr if args.show_prompt else None)
+    except (ValueError, FileNotFoundError) as error:
+        return _report(error)
+
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n"
+               "  pipeline serve runs/quickstart/finetune/merged --port 8000\n"
+               "  # then, with the openai client:\n"
+               "  #   OpenAI(base_url=\"http://127.0.0.1:8000/v1\", api_key=\"unused\").chat.completions.create(\n"
+               "  #       model=\"runs/quickstart/finetune/merged\", messages=[{\"role\": \"user\", \"content\": \"Hi\"}])\n"
+               "On a GPU, serve the same model with vLLM: pipeline export MODEL OUT --format llama; vllm serve OUT",
+    )
+    _add_model(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="(%(default)s)")
+    parser.add_argument("--model-name", help="the model's name in the API (default: MODEL as given)")
+    parser.add_argument("--max-tokens-limit", type=int, default=1024,
+                        help="largest max_tokens a request may ask for (%(default)s)")
+    parser.add_argument("--max-request-bytes", type=int, default=1_000_000,
+                        help="largest request body, in bytes (%(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("PIPELINE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' (default: $PIPELINE_API_KEY, else none)")
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from pipeline.serve import serve
+    except ModuleNotFoundError as error:
+        return _report(ValueError(f"{error}: `pipeline serve` needs its server: pip install 'pipeline[serve]'"))
+
+    try:
+        serve(args.model, adapter=args.adapter, host=args.host, port=args.port, model_name=args.model_name,
+              max_tokens_limit=args.max_tokens_limit, max_request_bytes=args.max_request_bytes, api_key=args.api_key)
+    except (ValueError, FileNotFoundError) as error:
+        return _report(error)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ merge, export
+def _add_merge(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "merge", help="merge a LoRA adapter into its base (in float32) and save a standard model folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n"
+               "  pipeline merge runs/quickstart/pretrain runs/quickstart/finetune/adapter merged/\n"
+               "The folder loads with AutoModelForCausalLM.from_pretrained (a Quill also carries its code); the\n"
+               "finetune stage's `finetune.merge: true` writes finetune/merged with the same function.",
+    )
+    parser.add_argument("base", help="the base model the adapter was trained on (a folder or a Hub id)")
+    parser.add_argument("adapter", type=Path, help="the PEFT adapter folder (e.g. runs/quickstart/finetune/adapter)")
+    parser.add_argument("out", type=Path, help="the new model folder (must not exist, or be empty)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype of the saved weights; the merge itself is always float32 (%(default)s)")
+    parser.set_defaults(handler=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    try:
+        _refuse_non_empty(args.out)
+        import torch
+
+        from pipeline.loading import merge_adapter
+
+        merge_adapter(args.adapter, args.base, args.out, dtype=getattr(torch, args.dtype))
+    except (ValueError, OSError) as error:
+        return _report(error)
+    print(args.out)
+    return 0
+
+
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "export", help="export a model as a native Llama folder (vLLM, TGI, transformers 4.x) or a GGUF file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pipeline export runs/quickstart/finetune/merged llama-out/ --format llama   # then: vllm serve llama-out/\n"
+               "  pipeline export runs/quickstart/pretrain model.gguf --format gguf --adapter runs/quickstart/finetune/adapter\n"
+               "A Quill exports when its architecture is Llama's (RoPE, SwiGLU, RMSNorm); otherwise the refusal names\n"
+               "the field. GGUF needs the gguf package: pip install 'pipeline[export]'.",
+    )
+    parser.add_argument("model", help=_MODEL_HELP)
+    parser.add_argument("out", type=Path, help="the folder (llama) or .gguf file (gguf) to write; never overwritten")
+    parser.add_argument("--format", choices=["llama", "gguf"], required=True)
+    parser.add_argument("--adapter", type=Path, help="a PEFT adapter to merge into MODEL first (in float32)")
+    parser.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="GGUF weights (%(default)s)")
+    parser.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        if args.format == "llama":
+            from pipeline.export import export_llama
+
+            written = export_llama(args.model, args.out, adapter=args.adapter)
+        else:
+            from pipeline.export import export_gguf
+
+            written = export_gguf(args.model, args.out, adapter=args.adapter, dtype=args.dtype)
+    except (ValueError, OSError, ImportError) as error:
+        return _report(error)
+    print(written)
+    return 0
+
+
+def _refuse_non_empty(folder: Path) -> None:
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{folder} already exists and is not empty: name a new folder (nothing was written)")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def embedding_similarity(
         pieces = tokenizer.convert_ids_to_tokens(ids)
         raise ValueError(f"{token!r} is {len(ids)} tokens {pieces}, not one: pick a single token (see `pipeline inspect tokens`)")
     table = model.get_input_embeddings().weight.detach().float()
+    _check_top(top, len(table) - 1)
     scores = similarity(table[ids[0]], table, metric)
     scores[ids[0]] = float("-inf")  # the token itself is trivially its own nearest neighbour
     best = scores.topk(min(top, len(scores) - 1))
@@ -90,6 +91,7 @@ def positional_encoding(model: PreTrainedModel, length: int) -> torch.Tensor:
     rotation angle per position and channel pair for RoPE (d = head_dim / 2)."""
     config = model.config
     kind = getattr(config, "position_embedding_type", "rope")
+    _check_length(length, config, "--length")
     positions = torch.arange(length)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     body = getattr(base, "model", base)
@@ -105,7 +107,7 @@ def positional_encoding(model: PreTrainedModel, length: int) -> torch.Tensor:
 @torch.no_grad()
 def attention_maps(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[torch.Tensor, list[str]]:
     """(layers, heads, T, T) attention weights: row t is how query t spreads its attention over keys 0..t."""
-    inputs = tokenizer(text, return_tensors="pt")
+    inputs = _encode(model, tokenizer, text)
     out = model(**inputs, output_attentions=True)
     tokens = [tokenizer.decode([i]) for i in inputs["input_ids"][0].tolist()]
     return torch.stack([a[0] for a in out.attentions]).float(), tokens
@@ -135,10 +137,17 @@ def plot_attention(maps: torch.Tensor, tokens: list[str], layer: int, path: Path
 def next_token_distribution(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, top: int = 10, temperature: float = 1.0
 ) -> list[tuple[str, float]]:
-    """The most likely next tokens: softmax(logits / temperature) over the whole vocabulary."""
-    inputs = tokenizer(text, return_tensors="pt")
+    """The most likely next tokens: softmax(logits / temperature) over the whole vocabulary. Temperature 0 is the
+    limit of that softmax, greedy decoding: all the mass on the argmax (the first one, on a tie)."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature} (0 means greedy)")
+    inputs = _encode(model, tokenizer, text)
     logits = model(**inputs).logits[0, -1].float()
-    probs = torch.softmax(logits / temperature, dim=-1)
+    _check_top(top, len(logits))
+    if temperature == 0:
+        probs = F.one_hot(logits.argmax(), len(logits)).float()
+    else:
+        probs = torch.softmax(logits / temperature, dim=-1)
     best = probs.topk(top)
     return [(tokenizer.decode([i]), p) for i, p in zip(best.indices.tolist(), best.values.tolist())]
 
@@ -158,7 +167,7 @@ def decode_side_by_side(
     strategies: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     """The same prompt continued by each decoding strategy (sampling ones seeded, so runs repeat)."""
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = _encode(model, tokenizer, prompt, reserve=max_new_tokens)
     results = {}
     for name, kwargs in (strategies or DECODING).items():
         torch.manual_seed(seed)
@@ -167,15 +176,52 @@ def decode_side_by_side(
     return results
 
 
+# ---------------------------------------------------------------------------------------------------- checks
+def _encode(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, reserve: int = 0) -> dict[str, Any]:
+    """The text as model inputs, refused when it (plus ``reserve`` generated tokens) needs more positions than the
+    model has: a learned table would fail with an index error, rotary positions silently extrapolate."""
+    inputs = tokenizer(text, return_tensors="pt")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    needed = inputs["input_ids"].shape[1] + reserve
+    if limit is not None and needed > limit:
+        extra = f" + {reserve} new tokens" if reserve else ""
+        raise ValueError(
+            f"the text is {inputs['input_ids'].shape[1]} tokens{extra}, more than the model's {limit} positions "
+            f"(max_position_embeddings). Fix: shorten the text{' or lower --max-new-tokens' if reserve else ''}."
+        )
+    return inputs
+
+
+def _check_top(top: int, available: int) -> None:
+    if not 1 <= top <= available:
+        raise ValueError(f"--top {top} is outside 1..{available} (the tokens there are to rank). Fix: pick one in range.")
+
+
+def _check_length(length: int, config: Any, flag: str) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if length < 1 or (limit is not None and length > limit):
+        raise ValueError(f"{flag} {length} is outside 1..{limit} (the model's max_position_embeddings). Fix: pick one in range.")
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def inspect_command(args: argparse.Namespace) -> int:
-    """`pipeline inspect WHAT MODEL [TEXT]` (the arguments are declared in `pipeline.cli`)."""
+    """`pipeline inspect WHAT MODEL [TEXT]` (the arguments are declared in `pipeline.cli`). A user's mistake (a
+    folder that holds no model, a word of several tokens, a layer the model lacks, a prompt too long) raises
+    `ValueError` or `OSError` with the fix; the CLI prints it."""
+    from pipeline.artifacts import model_folder_problem, tokenizer_folder_problem
+
+    problem = tokenizer_folder_problem(args.model) if args.what == "tokens" else model_folder_problem(args.model)
+    if problem:
+        raise ValueError(f"model {problem}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.what == "tokens":
         for row in tokenize_table(tokenizer, args.text):
             print(f"{row['id']:>7}  {row['token']!r}")
         return 0
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if args.what == "attention" and layers is not None and args.layer >= layers:
+        raise ValueError(f"--layer {args.layer}: the model has layers 0..{layers - 1}. Fix: pick one of those.")
     if args.what == "params":
         for name, count in parameter_counts(model).items():
             print(f"{name:>20}: {count:,}")
@@ -201,6 +247,8 @@ def inspect_command(args: argparse.Namespace) -> int:
         maps, tokens = attention_maps(model, tokenizer, args.text)
         print(f"wrote {plot_attention(maps, tokens, args.layer, args.png)} ({maps.shape[0]} layers × {maps.shape[1]} heads)")
     elif args.what == "next":
+        if args.temperature == 0:
+            print("temperature 0: greedy decoding, all the probability on the most likely token")
         for token, p in next_token_distribution(model, tokenizer, args.text, args.top, args.temperature):
             print(f"{p:8.4f}  {token!r}")
     elif args.what == "decode":

@@ -1,6 +1,8 @@
 """Data stage: sources -> mixed documents -> held-out validation -> token blocks -> batches.
 
-    load_splits(section, seed)    a recipe's data section, whole, -> load_corpus: what every stage splits the same way
+    load_splits(section, seed,    THE held-out split of a recipe: a data section, whole, -> load_corpus, its training
+                held_out_by)      documents also without the texts the recipe's other sections hold out; every stage
+                                  calls it (held_out_sections, tokenizer_section: which sections a recipe splits)
     load_corpus(sources)          validate every source, load them, hold out validation DOCUMENTS, mix by weight
     tokenize_and_pack(ds, tok)    [bos] + tokens + [eos] per document, concatenated and cut into fixed blocks
     block_loaders(section, tok)   load_splits + tokenize_and_pack -> training and validation DataLoaders of blocks
@@ -25,8 +27,9 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,12 +43,14 @@ from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.sources import SourceSpec, as_source_spec, load_source, validate_source
+from pipeline.sources import SourceSpec, as_source_spec, load_source, source_identity, validate_source
 
 if TYPE_CHECKING:  # type hints only: the data stage reads a section's fields, it does not need the recipe
     from accelerate import Accelerator
 
-    from pipeline.recipe import DataSection
+    from pipeline.recipe import DataSection, Recipe
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -53,11 +58,15 @@ __all__ = [
     "block_loaders",
     "cached_map",
     "collate",
+    "held_out_sections",
     "load_corpus",
     "load_splits",
+    "sections_read",
+    "split_settings",
     "token_byte_lengths",
     "tokenize_and_pack",
     "tokenizer_fingerprint",
+    "tokenizer_section",
 ]
 
 PREPROCESSING_VERSION = "1"
@@ -75,11 +84,77 @@ _RESERVED_SETTINGS = ("dataset", "tokenizer", "preprocessing_version")
 # ------------------------------------------------------------------------------------------ corpus
 
 
-def load_splits(section: DataSection, seed: int) -> tuple[Dataset | IterableDataset, Dataset]:
-    """(train, validation) documents of a recipe's data section (``data`` or ``finetune.data``), split exactly as
-    every stage splits it: the section whole (``sources``, ``validation_fraction``, ``max_documents``,
-    ``streaming``, ``validation_documents``) and the recipe's ``seed`` go to `load_corpus`. The training stages
-    read the training documents, evaluation the held-out ones; going through here keeps them disjoint."""
+def load_splits(
+    section: DataSection, seed: int, held_out_by: Sequence[DataSection] = ()
+) -> tuple[Dataset | IterableDataset, Dataset]:
+    """(train, validation) documents of a data section (``data``, ``finetune.data`` or `tokenizer_section`): the
+    one function that decides which documents of a recipe are held out. Every stage calls it.
+
+    The section whole (``sources``, ``validation_fraction``, ``max_documents``, ``streaming``,
+    ``validation_documents``) and the recipe's ``seed`` go to `load_corpus`, so every stage and every rerun get
+    the same split. `held_out_by` (a recipe's `held_out_sections`) are the sections whose held-out documents the
+    recipe evaluates: the training documents also leave out every text that one of them holds out, when it shares
+    a source with `section` (`sections_read`). So the tokenizer, pretraining and fine-tuning never see a document
+    that evaluation scores as held out, even when their sections split the same source differently. The
+    validation split is the section's own and does not depend on `held_out_by`.
+    """
+    elsewhere: set[str] = set()
+    for other in sections_read(section, held_out_by)[1:]:
+        elsewhere.update(_split(other, seed)[1]["text"])
+    return _split(section, seed, elsewhere)
+
+
+def held_out_sections(recipe: Recipe) -> tuple[DataSection, ...]:
+    """The data sections whose held-out documents a recipe evaluates: ``data`` (the general set, pretraining's
+    validation) and ``finetune.data`` (the domain set, the generation and classification rows). Pass them as
+    `held_out_by` to `load_splits` / `block_loaders`."""
+    return tuple(section for section in (recipe.data, recipe.finetune.data) if section is not None)
+
+
+def tokenizer_section(recipe: Recipe) -> DataSection | None:
+    """The data section the tokenizer trains on (None with ``tokenizer.path``): ``data`` with the tokenizer's
+    ``sources`` and, when set, its ``max_documents``, so that with the default sources it is split exactly as
+    pretraining splits ``data``."""
+    section = recipe.tokenizer
+    if section.path is not None:
+        return None
+    cap = recipe.data.max_documents if section.max_documents is None else section.max_documents
+    return recipe.data.model_copy(update={"sources": section.sources or recipe.data.sources, "max_documents": cap})
+
+
+def split_settings(section: DataSection) -> dict[str, Any]:
+    """Everything of a section that decides its split, besides the seed (JSON-able, for stage markers)."""
+    return {
+        "sources": [dataclasses.asdict(as_source_spec(source)) for source in section.sources],
+        **{field: getattr(section, field) for field in _SPLIT_FIELDS},
+    }
+
+
+def sections_read(section: DataSection, held_out_by: Sequence[DataSection] = ()) -> list[DataSection]:
+    """`section`, then the sections of `held_out_by` whose held-out texts its training split leaves out: those
+    split differently that share a source with it (`pipeline.sources.source_identity`: a corpus, a file, a Hub
+    dataset). Nothing is loaded."""
+    own = split_settings(section)
+    documents = _identities(section)
+    read, seen = [section], [own]
+    for other in held_out_by:
+        settings = split_settings(other)
+        if settings not in seen and documents & _identities(other):
+            read.append(other)
+            seen.append(settings)
+    return read
+
+
+_SPLIT_FIELDS = ("validation_fraction", "validation_documents", "max_documents", "streaming")
+
+
+def _identities(section: DataSection) -> frozenset[str]:
+    return frozenset().union(*(source_identity(source) for source in section.sources))
+
+
+def _split(
+    section: DataSection, seed: int, elsewhere: Collection[str] = ()
+) -> tuple[Dataset | IterableDataset, Dataset]:
     return load_corpus(
         section.sources,
         seed=seed,
@@ -87,6 +162,7 @@ def load_splits(section: DataSection, seed: int) -> tuple[Dataset | IterableData
         max_documents=section.max_documents,
         streaming=section.streaming,
         validation_documents=section.validation_documents,
+        held_out_elsewhere=elsewhere,
     )
 
 
@@ -98,6 +174,7 @@ def load_corpus(
     max_documents: int | None = None,
     streaming: bool = False,
     validation_documents: int | None = None,
+    held_out_elsewhere: Collection[str] = (),
 ) -> tuple[Dataset | IterableDataset, Dataset]:
     """Load and mix `sources` into (train, validation), split by whole documents.
 
@@ -111,6 +188,7 @@ def load_corpus(
         streaming: read every source lazily and return an `IterableDataset` for training.
         validation_documents: hold out exactly this many documents per source instead of a fraction.
             Streaming needs it unless the size of each source is known (`max_documents` or the Hub split size).
+        held_out_elsewhere: texts that another data section holds out (see `load_splits`): never trained on.
 
     Returns:
         `train`: the documents not held out (a `Dataset`, or an `IterableDataset` when streaming), mixed
@@ -119,13 +197,16 @@ def load_corpus(
         been seen at least once (`interleave_datasets`' "all_exhausted"), so the weights hold over the whole
         epoch and a small, heavily weighted source is repeated (upsampled).
         `validation`: a small map-style `Dataset` of the held-out documents of all sources, concatenated
-        (unweighted), each text once; no text of it occurs in `train` (training drops documents that repeat a
-        held-out text).
+        (unweighted).
         Both have a `text` column; with one source its other columns are kept, with several only the
         columns that all sources share with the same type.
 
     Held-out documents: map-style sources hold out a seeded random sample of documents; streamed sources
-    hold out their first documents (the only ones that can be read without reading everything).
+    hold out their first documents (the only ones that can be read without reading everything). Membership is
+    by document: the validation split holds exactly the documents picked (an exact duplicate picked twice is
+    scored twice, as it occurs in the data). No text of it occurs in `train`: a training document whose text
+    equals a held-out text, of any source of the mixture or of `held_out_elsewhere`, is left out, and the
+    number left out is logged (a warning, map-style sources; a stream cannot be counted without reading it).
     """
     if isinstance(sources, (str, SourceSpec, Mapping)):
         sources = [sources]  # one source given bare
@@ -135,17 +216,22 @@ def load_corpus(
         validate_source(spec)  # all of them, before anything is loaded
     specs = [_with_overrides(spec, max_documents, streaming) for spec in specs]
 
-    train_parts, validation_parts = [], []
+    held_out_parts = []
     for index, spec in enumerate(specs):
         documents = load_source(spec)
         if isinstance(documents, IterableDataset):
             n_held_out = _streamed_validation_size(documents, spec, validation_fraction, validation_documents)
-            train, validation = _hold_out_first(documents, n_held_out, spec.name)
+            held_out_parts.append(_hold_out_first(documents, n_held_out, spec.name))
         else:
             rng = np.random.default_rng((seed, index))  # one stream per source: equal sizes, different picks
-            train, validation = _hold_out_sample(documents, rng, validation_fraction, validation_documents, spec.name)
-        train_parts.append(train)
-        validation_parts.append(validation)
+            part = _hold_out_sample(documents, rng, validation_fraction, validation_documents, spec.name)
+            held_out_parts.append(part)
+    # Compare by content: a text held out anywhere is trained on nowhere (duplicates within and across sources).
+    held_out = set(held_out_elsewhere)
+    for part in held_out_parts:
+        held_out.update(part.validation["text"])
+    train_parts = [part.train(held_out) for part in held_out_parts]
+    validation_parts = [part.validation for part in held_out_parts]
 
     if len(specs) == 1:
         return train_parts[0], validation_parts[0]
@@ -187,10 +273,20 @@ def _check_positive_int(name: str, value: Any, optional: bool = False) -> None:
         raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}")
 
 
+@dataclasses.dataclass
+class _HeldOut:
+    """One source's held-out documents, and how to get its training documents once every held-out text of the
+    mixture (and of other sections) is known."""
+
+    validation: Dataset
+    train: Callable[[set[str]], Dataset | IterableDataset]
+
+
 def _hold_out_sample(
     documents: Dataset, rng: np.random.Generator, fraction: float, count: int | None, name: str
-) -> tuple[Dataset, Dataset]:
-    """A seeded random sample of documents for validation; training keeps every document whose text differs."""
+) -> _HeldOut:
+    """A seeded random sample of documents for validation; training keeps every other document whose text is not
+    held out."""
     texts = documents.with_format("arrow")[:]["text"]  # Arrow column: no Python strings for the whole corpus
     non_empty = pc.fill_null(pc.greater(pc.binary_length(texts), 0), False)
     usable = np.flatnonzero(non_empty.to_numpy(zero_copy_only=False))
@@ -206,16 +302,29 @@ def _hold_out_sample(
             f"source {name!r} has {n} documents: validation_documents={count} leaves none for training; "
             f"use at most {n - 1}"
         )
-
     picked = np.sort(rng.choice(usable, size=n_held_out, replace=False))
-    picked_texts = texts.take(pa.array(picked))
-    # Compare by content: a text that occurs twice must not end up on both sides.
-    in_validation = pc.is_in(texts, value_set=pc.unique(picked_texts)).to_numpy(zero_copy_only=False)
-    train_rows = usable[~in_validation[usable]]
-    if len(train_rows) == 0:
-        raise ValueError(f"source {name!r}: its {n} documents are copies of the held-out text(s); deduplicate it")
-    _, first = np.unique(picked_texts.to_numpy(zero_copy_only=False), return_index=True)  # each held-out text once
-    return documents.select(train_rows), documents.select(np.sort(picked[first]))
+
+    def train(held_out: set[str]) -> Dataset:
+        own = pc.is_in(texts, value_set=pc.unique(texts.take(pa.array(picked)))).to_numpy(zero_copy_only=False)
+        anywhere = pc.is_in(texts, value_set=pa.array(sorted(held_out), type=texts.type))
+        anywhere = anywhere.to_numpy(zero_copy_only=False)
+        train_rows = usable[~anywhere[usable]]
+        if len(train_rows) == 0:
+            raise ValueError(
+                f"source {name!r}: its {n} documents are copies of the held-out text(s) (held out by this source, "
+                "another source of the mixture or another data section that reads it); deduplicate it"
+            )
+        copies = int(own[usable].sum()) - n_held_out
+        elsewhere = int((anywhere[usable] & ~own[usable]).sum())
+        if copies or elsewhere:
+            logger.warning(
+                "source %r: %d training document(s) left out: %d exact copies of its own held-out texts, %d copies "
+                "of texts held out by another source or data section (held-out documents are never trained on; "
+                "deduplicate the source to keep them)", name, copies + elsewhere, copies, elsewhere,
+            )
+        return documents.select(train_rows)
+
+    return _HeldOut(validation=documents.select(picked), train=train)
 
 
 def _streamed_validation_size(stream: IterableDataset, spec: SourceSpec, fraction: float, count: int | None) -> int:
@@ -233,22 +342,26 @@ def _streamed_validation_size(stream: IterableDataset, spec: SourceSpec, fractio
     return max(1, round(fraction * known))
 
 
-def _hold_out_first(stream: IterableDataset, n_held_out: int, name: str) -> tuple[IterableDataset, Dataset]:
-    """The first `n_held_out` non-empty documents for validation; training filters their texts out."""
+def _hold_out_first(stream: IterableDataset, n_held_out: int, name: str) -> _HeldOut:
+    """The first `n_held_out` non-empty documents for validation; training filters every held-out text out."""
     stream = stream.filter(_has_text)
     head = list(stream.take(n_held_out))
     if not head:
         raise ValueError(f"streamed source {name!r} has no non-empty document; check the files / text_column / split")
-    validation = Dataset.from_list(head, features=stream.features)
-    # Filter by content rather than `.skip(n)`: `skip` is split across shards when the stream is later
-    # sharded (DataLoader workers, ranks), so it would drop other documents and keep held-out ones.
-    train = stream.filter(_not_held_out, fn_kwargs={"held_out": frozenset(ex["text"] for ex in head)})
-    if next(iter(train.take(1)), None) is None:
-        raise ValueError(
-            f"streamed source {name!r} has only {len(head)} document(s), all held out for validation: "
-            "at least 1 must be left for training; add data or lower validation_documents"
-        )
-    return train, validation
+
+    def train(held_out: set[str]) -> IterableDataset:
+        # Filter by content rather than `.skip(n)`: `skip` is split across shards when the stream is later
+        # sharded (DataLoader workers, ranks), so it would drop other documents and keep held-out ones.
+        rest = stream.filter(_not_held_out, fn_kwargs={"held_out": frozenset(held_out)})
+        if next(iter(rest.take(1)), None) is None:
+            raise ValueError(
+                f"streamed source {name!r}: its documents are all held out for validation (its first {len(head)}, "
+                "and copies of texts held out by another source or data section): at least 1 must be left for "
+                "training; add data or lower validation_documents"
+            )
+        return rest
+
+    return _HeldOut(validation=Dataset.from_list(head, features=stream.features), train=train)
 
 
 def _has_text(example: dict[str, Any]) -> bool:
@@ -537,16 +650,18 @@ def block_loaders(
     seed: int,
     accelerator: Accelerator,
     eval_batch_size: int | None = None,
+    held_out_by: Sequence[DataSection] = (),
 ) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders of packed (or single-document) blocks of a data section: `load_splits`,
-    then `tokenize_and_pack` with the section's ``block_size``, ``packing``, ``document_masking`` and ``num_proc``.
+    """Training and validation loaders of packed (or single-document) blocks of a data section: `load_splits`
+    (with `held_out_by`, the recipe's `held_out_sections`), then `tokenize_and_pack` with the section's
+    ``block_size``, ``packing``, ``document_masking`` and ``num_proc``.
 
     Tokenization runs on the main process first; the other ranks then read its cache files instead of tokenizing
     again. The training loader shuffles (a streamed section is read in order) and drops the last partial batch;
     the validation loader batches by `eval_batch_size`, default `batch_size`.
     """
     with accelerator.main_process_first():
-        train_docs, validation_docs = load_splits(section, seed)
+        train_docs, validation_docs = load_splits(section, seed, held_out_by)
         pack = partial(
             tokenize_and_pack, tokenizer=tokenizer, block_size=section.block_size, packing=section.packing,
             document_masking=section.document_masking, num_proc=section.num_proc,

@@ -47,8 +47,8 @@ from datasets import ClassLabel, Dataset, IterableDataset, concatenate_datasets
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.artifacts import RunArtifacts, TunedModel, base_model, tuned_model
-from pipeline.data import collate, load_splits
-from pipeline.generation import build_prompt, generate_across_processes, score_generations
+from pipeline.data import collate, held_out_sections, load_splits
+from pipeline.generation import FEW_SHOT_POOL, build_prompt, generate_across_processes, score_generations
 from pipeline.loading import load_base, load_tokenizer, load_tuned
 from pipeline.metrics import load_metric
 from pipeline.recipe import Recipe, SourceSection, recipe_to_dict
@@ -61,7 +61,6 @@ __all__ = ["NAME", "language_model_metrics", "measure_pair", "run"]
 
 NAME = "evaluate"
 PREVIEW_ROWS = 5  # generation-task rows shown with their predictions in the report
-_FEW_SHOT_POOL = 1_000  # training rows few-shot examples are drawn from
 
 _metric = cache(load_metric)  # each metric module loaded once
 
@@ -201,13 +200,14 @@ def _load_data(recipe: Recipe, plan: _Plan, tokenizer: PreTrainedTokenizerBase, 
     cap = recipe.evaluate.max_documents
     data = _Data()
     needs_rows = bool({"generation", "classification"} & set(plan.tasks))
+    held_out_by = held_out_sections(recipe)  # the split every stage used: these sets were never trained on
     with accelerator.main_process_first():  # the others read the main process's dataset caches
         if plan.general_sources is not None:
-            data.general = (evenly_spaced(load_splits(recipe.data, recipe.seed)[1], cap) if plan.general_is_held_out
-                            else _dedicated_texts(plan.general_sources, cap))
+            data.general = (evenly_spaced(load_splits(recipe.data, recipe.seed, held_out_by)[1], cap)
+                            if plan.general_is_held_out else _dedicated_texts(plan.general_sources, cap))
         finetune_splits = None
         if needs_rows or (plan.domain_sources is not None and plan.domain_is_held_out):
-            finetune_splits = load_splits(recipe.finetune.data, recipe.seed)
+            finetune_splits = load_splits(recipe.finetune.data, recipe.seed, held_out_by)
         if plan.domain_sources is not None:
             data.domain = (evenly_spaced(finetune_splits[1], cap) if plan.domain_is_held_out
                            else _dedicated_texts(plan.domain_sources, cap))
@@ -234,8 +234,8 @@ def _generation_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: 
     queries = _rows_with_names(evenly_spaced(validation, cap), column)
     pool: list[dict[str, Any]] = []
     if k:
-        pool_rows = (train.take(_FEW_SHOT_POOL) if isinstance(train, IterableDataset)
-                     else evenly_spaced(train, _FEW_SHOT_POOL))
+        pool_rows = (train.take(FEW_SHOT_POOL) if isinstance(train, IterableDataset)
+                     else evenly_spaced(train, FEW_SHOT_POOL))
         pool = _rows_with_names(pool_rows, column, features=train.features)
         if len(pool) < k:
             raise ValueError(f"evaluate.few_shot is {k} but the fine-tuning data has only {len(pool)} training rows. "

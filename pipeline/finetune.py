@@ -2,7 +2,7 @@
 
     artifacts.base_model ──loading.load_base──► fp32 model ──get_peft_model──► LoRA model ──┐
     finetune.data ──load_splits──► rows ──examples or packed blocks──► DataLoader ───────────────────┴──► train()
-    train() ──save_adapter──► finetune/adapter/ ──merge_adapter (finetune.merge)──► finetune/merged/
+    train() ──save_trained──► finetune/adapter/ ──merge_adapter (finetune.merge)──► finetune/merged/
 
 Tasks (``finetune.task``):
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 import re
 import string
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -44,15 +43,23 @@ import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from datasets import ClassLabel, Dataset
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.artifacts import RunArtifacts, base_model
-from pipeline.data import IGNORE_INDEX, block_loaders, cached_map, collate, load_splits, token_byte_lengths
-from pipeline.loading import TASK_TYPES, load_base, load_tokenizer, merge_adapter
-from pipeline.recipe import LoraSection, Recipe
-from pipeline.training import TrainResult, seed_everything, train
+from pipeline.data import (
+    IGNORE_INDEX,
+    block_loaders,
+    cached_map,
+    collate,
+    held_out_sections,
+    load_splits,
+    token_byte_lengths,
+)
+from pipeline.loading import check_lora_targets, load_base, load_tokenizer, lora_config, merge_adapter
+from pipeline.recipe import Recipe
+from pipeline.training import TrainResult, save_trained, seed_everything, train
 
 __all__ = ["NAME", "check_lora_targets", "classification_examples", "instruction_examples", "lora_config", "run"]
 
@@ -89,7 +96,8 @@ def run(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
 
     if section.task == "causal_lm":
         train_loader, eval_loader = block_loaders(
-            section.data, tokenizer, batch_size=cfg.batch_size, seed=recipe.seed, accelerator=accelerator
+            section.data, tokenizer, batch_size=cfg.batch_size, seed=recipe.seed, accelerator=accelerator,
+            held_out_by=held_out_sections(recipe),
         )
     else:
         train_loader, eval_loader = _example_loaders(recipe, tokenizer, documents, accelerator)
@@ -100,7 +108,8 @@ def run(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
 
     result = train(model, train_loader, eval_loader, cfg, run_folders.finetune, accelerator,
                    byte_lengths=byte_lengths, run_name=NAME)
-    save_adapter(accelerator, result.model, tokenizer, run_folders.adapter)
+    wrapped = isinstance(accelerator.unwrap_model(result.model), _WindowNormalizedLoss)
+    save_trained(accelerator, result.model, tokenizer, run_folders.adapter, inner="model" if wrapped else None)
     if section.merge:
         if accelerator.is_main_process:
             # A plain fp32 copy of the base on this process alone: under ZeRO-3, from_pretrained would otherwise
@@ -126,46 +135,6 @@ def _setup_base(base: str, task: str, labels: tuple[int, dict[int, str] | None] 
 # ------------------------------------------------------------------------------------------ model and adapter
 
 
-def lora_config(section: LoraSection, task: str) -> LoraConfig:
-    """The recipe's adapter as a PEFT `LoraConfig` for ``task`` (``causal_lm``, ``instruction`` or ``classification``).
-
-    ``target_modules: [all-linear]`` becomes PEFT's ``"all-linear"`` (every linear layer but the output head)."""
-    if task not in TASK_TYPES:
-        raise ValueError(f"unknown fine-tuning task {task!r}; expected one of {sorted(TASK_TYPES)}")
-    targets: list[str] | str = list(section.target_modules)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    return LoraConfig(
-        r=section.r,
-        lora_alpha=section.alpha,
-        lora_dropout=section.dropout,
-        target_modules=targets,
-        use_rslora=section.use_rslora,
-        use_dora=section.use_dora,
-        # For SEQ_CLS, PEFT appends the head ("classifier", "score") to this list itself.
-        modules_to_save=list(section.modules_to_save) if section.modules_to_save else None,
-        task_type=TASK_TYPES[task],
-    )
-
-
-def check_lora_targets(model: torch.nn.Module, config: LoraConfig) -> None:
-    """Every name in ``target_modules`` and ``modules_to_save`` must match a module (as PEFT matches: the full name
-    or its last components). PEFT stays silent about a typo among valid names and is cryptic when none match."""
-    names = [name for name, _ in model.named_modules() if name]
-    wanted = {"target_modules": config.target_modules, "modules_to_save": config.modules_to_save}
-    for key, targets in wanted.items():
-        if targets is None or isinstance(targets, str):  # "all-linear" or a regex: PEFT resolves those
-            continue
-        missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
-        if missing:
-            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                             if isinstance(module, torch.nn.Linear)})
-            raise ValueError(
-                f"finetune.lora.{key} {missing} match no module of {type(model).__name__}. Its linear layers are "
-                f"named {linear}. Fix: pick from those (or use [all-linear] for target_modules)."
-            )
-
-
 class _WindowNormalizedLoss(torch.nn.Module):
     """Turns a classification head's per-micro-batch mean loss into Σ loss / ``num_items_in_batch``, the loop's
     contract: a mean per micro-batch would weigh gradient accumulation and ranks wrongly (×window×ranks).
@@ -187,22 +156,6 @@ class _WindowNormalizedLoss(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.model, name)
-
-
-def save_adapter(
-    accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path
-) -> None:
-    """Save the trained adapter (and any ``modules_to_save``) as a PEFT folder with the tokenizer. The state dict is
-    gathered from FSDP/DeepSpeed shards, a collective every rank joins; only the main process writes."""
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
-    if isinstance(unwrapped, _WindowNormalizedLoss):
-        unwrapped = unwrapped.model
-        state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
-    if accelerator.is_main_process:
-        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-    accelerator.wait_for_everyone()
 
 
 # ------------------------------------------------------------------------------------------ examples
@@ -311,7 +264,7 @@ def _load_documents(recipe: Recipe, accelerator: Accelerator) -> tuple[Dataset, 
             "(streaming is for task causal_lm)."
         )
     with accelerator.main_process_first():
-        return load_splits(data, recipe.seed)
+        return load_splits(data, recipe.seed, held_out_sections(recipe))
 
 
 def _example_loaders(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, documents: tuple[Dataset, Dataset],

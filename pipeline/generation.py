@@ -11,6 +11,7 @@ evaluation stage uses them, and so can a ``generate``, ``chat`` or ``serve`` com
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import cache
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline.recipe import GenerationSection
 
 __all__ = [
     "EXAMPLE_SEPARATOR",
+    "FEW_SHOT_POOL",
     "build_prompt",
     "chat_prompt",
     "few_shot_prompt",
@@ -35,8 +37,10 @@ __all__ = [
 ]
 
 EXAMPLE_SEPARATOR = "\n\n"  # between the solved examples of a few-shot prompt
+FEW_SHOT_POOL = 1_000  # training rows the evaluation draws few-shot examples from (the pre-flight checks it)
 
 _metric = cache(load_metric)  # each metric module loaded once
+_log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -153,6 +157,10 @@ def _encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_
     ids = tokenizer(prompts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     ids = [row if bos is None or row[:1] == [bos] else [bos, *row] for row in ids]
     if max_length is not None:  # keep the start token and the end of the prompt
+        cut = [len(row) for row in ids if len(row) > max_length]
+        if cut:  # said, not silent: the model answers a shorter question than the one asked
+            _log.warning(f"{len(cut)} prompt(s) of up to {max(cut)} tokens exceed the {max_length} the model's "
+                         "positions leave beside max_new_tokens: their first tokens after BOS are dropped")
         ids = [row if len(row) <= max_length else row[:1] + row[len(row) - max_length + 1 :] for row in ids]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(row) for row in ids)

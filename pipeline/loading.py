@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftConfig, PeftModel, TaskType
+from peft import LoraConfig, PeftConfig, PeftModel, TaskType
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -28,14 +28,24 @@ from transformers import (
 from pipeline.models.quill import QuillConfig, QuillForCausalLM  # importing it registers Quill with the Auto classes
 
 if TYPE_CHECKING:
-    from pipeline.recipe import ModelSection
+    from pipeline.recipe import LoraSection, ModelSection
 
-__all__ = ["TASK_TYPES", "build_model", "load_base", "load_tokenizer", "load_tuned", "merge_adapter", "quill_config"]
+__all__ = ["DEFAULT_SPECIAL_TOKENS", "TASK_TYPES", "build_model", "check_lora_targets", "load_base", "load_tokenizer", "load_tuned", "lora_config",
+           "lora_target_problems", "merge_adapter", "quill_config"]
 
 TASK_TYPES = {"causal_lm": TaskType.CAUSAL_LM, "instruction": TaskType.CAUSAL_LM, "classification": TaskType.SEQ_CLS}
 """The PEFT task type of each fine-tuning task (``finetune.task``)."""
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+DEFAULT_SPECIAL_TOKENS: dict[str, str] = {
+    "bos_token": "<|bos|>",
+    "eos_token": "<|eos|>",
+    "pad_token": "<|pad|>",
+    "unk_token": "<|unk|>",
+}
+"""The special tokens of the tokenizers the tokenizer stage trains (they take the first ids, in this order); here so
+that the pre-flight checks can size the smallest vocabulary without importing a stage."""
 
 
 def quill_config(section: ModelSection, vocab_size: int, **special_token_ids: int | None) -> QuillConfig:
@@ -151,8 +161,11 @@ def merge_adapter(
         raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
     if isinstance(base, (str, Path)):
         task_type = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
-        if task_type != TaskType.CAUSAL_LM:
-            raise ValueError(f"the adapter's task is {task_type}: pass the base as a loaded model (see load_base)")
+        if task_type not in (TaskType.CAUSAL_LM, None):  # None: a plain PeftModel adapter, on a causal LM here
+            raise ValueError(
+                f"the adapter's task is {task_type}: its base needs the task's head, which only the finetune stage "
+                "builds (pass the base loaded with pipeline.loading.load_base); a causal-LM adapter merges from a path"
+            )
         base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base.float(), adapter_dir).merge_and_unload()
     merged.to(dtype).save_pretrained(out_dir, safe_serialization=True)
@@ -165,3 +178,58 @@ def _check_vocabulary(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     embedded = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > embedded:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model {name} embeds only {embedded}: {fix}")
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+# Here rather than in the finetune stage: the pre-flight checks (`pipeline.preflight`) match the recipe's target
+# modules against the model on the meta device before any stage runs.
+
+
+def lora_config(section: LoraSection, task: str) -> LoraConfig:
+    """The recipe's adapter as a PEFT `LoraConfig` for ``task`` (``causal_lm``, ``instruction`` or ``classification``).
+
+    ``target_modules: [all-linear]`` becomes PEFT's ``"all-linear"`` (every linear layer but the output head)."""
+    if task not in TASK_TYPES:
+        raise ValueError(f"unknown fine-tuning task {task!r}; expected one of {sorted(TASK_TYPES)}")
+    targets: list[str] | str = list(section.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=targets,
+        use_rslora=section.use_rslora,
+        use_dora=section.use_dora,
+        # For SEQ_CLS, PEFT appends the head ("classifier", "score") to this list itself.
+        modules_to_save=list(section.modules_to_save) if section.modules_to_save else None,
+        task_type=TASK_TYPES[task],
+    )
+
+
+def lora_target_problems(model: torch.nn.Module, config: LoraConfig) -> list[tuple[str, str]]:
+    """(recipe key, message) for each of ``target_modules`` and ``modules_to_save`` holding names that match no
+    module (as PEFT matches: the full name or its last components); works on a meta-device model."""
+    names = [name for name, _ in model.named_modules() if name]
+    wanted = {"target_modules": config.target_modules, "modules_to_save": config.modules_to_save}
+    problems = []
+    for key, targets in wanted.items():
+        if targets is None or isinstance(targets, str):  # "all-linear" or a regex: PEFT resolves those
+            continue
+        missing = [t for t in targets if not any(name == t or name.endswith(f".{t}") for name in names)]
+        if missing:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+            problems.append((f"finetune.lora.{key}", (
+                f"{missing} match no module of {type(model).__name__}. Its linear layers are named {linear}. "
+                "Fix: pick from those (or use [all-linear] for target_modules)."
+            )))
+    return problems
+
+
+def check_lora_targets(model: torch.nn.Module, config: LoraConfig) -> None:
+    """Raise `ValueError` when a name in ``target_modules`` or ``modules_to_save`` matches no module of ``model``.
+    PEFT stays silent about a typo among valid names and is cryptic when none match."""
+    problems = lora_target_problems(model, config)
+    if problems:
+        raise ValueError("; ".join(f"{key} {message}" for key, message in problems))

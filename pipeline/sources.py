@@ -19,7 +19,10 @@ A source is one of
 * a **Hugging Face Hub dataset**: ``"owner/name"`` or ``"hub:name"``, passed to `datasets.load_dataset`.
 
 `validate_source` runs the cheap checks (names, paths, numbers) before any compute, and `load_source`
-repeats them before it loads. Add your own corpus with ``CORPORA["mine"] = build_fn`` (a zero-argument
+repeats them before it loads. `fingerprint` describes what sources are made of without loading them (each file's
+size, mtime and sha256, a Hub dataset's pinned revision, a corpus's package version), so a stage marker can tell
+changed data from unchanged; `source_identity` says which documents a source reads, so the data stage can tell
+which sections of a recipe share documents. Add your own corpus with ``CORPORA["mine"] = build_fn`` (a zero-argument
 callable that returns a `datasets.Dataset` with a ``text`` column). `evenly_spaced` picks N of many rows so
 that every part stays represented (a capped corpus keeps every play / ICD chapter).
 """
@@ -28,9 +31,12 @@ from __future__ import annotations
 
 import difflib
 import glob
+import hashlib
+import importlib.metadata
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -42,7 +48,17 @@ import pyarrow.compute as pc
 from pipeline.corpora.icd10cm import icd10cm
 from pipeline.corpora.shakespeare import shakespeare
 
-__all__ = ["CORPORA", "SourceSpec", "as_source_spec", "evenly_spaced", "load_source", "validate_source"]
+__all__ = [
+    "CORPORA",
+    "SourceSpec",
+    "as_source_spec",
+    "evenly_spaced",
+    "fingerprint",
+    "fingerprint_changes",
+    "load_source",
+    "source_identity",
+    "validate_source",
+]
 
 
 @dataclass
@@ -67,6 +83,9 @@ class SourceSpec:
     """Return an `IterableDataset` (corpora are built in memory and converted)."""
     sample_by: Literal["paragraph", "document", "line"] = "paragraph"
     """How ``.txt`` files are cut into documents (the `datasets` text builder's option)."""
+    revision: str | None = None
+    """Hub dataset revision (branch, tag or commit sha) to read; only for Hub sources. A pinned commit is what
+    lets a rerun know the data is unchanged (`fingerprint` records it, or ``"unpinned"``)."""
 
 
 SourceLike = SourceSpec | str | Mapping[str, Any]
@@ -114,7 +133,8 @@ def load_source(spec: SourceLike) -> datasets.Dataset | datasets.IterableDataset
             builder, data_files=list(files), split=spec.split, streaming=spec.streaming, **kwargs
         )
     else:
-        ds = datasets.load_dataset(target, name=spec.subset, split=spec.split, streaming=spec.streaming)
+        pinned = {} if spec.revision is None else {"revision": spec.revision}
+        ds = datasets.load_dataset(target, name=spec.subset, split=spec.split, streaming=spec.streaming, **pinned)
 
     ds = _use_text_column(ds, spec)
     if spec.max_documents is not None:
@@ -180,6 +200,10 @@ def _resolve(spec: SourceSpec) -> tuple[Kind, str, tuple[str, ...]]:
         raise ValueError(
             f"source {name!r}: subset={spec.subset!r} is a Hub config name; remove it for {kind} sources"
         )
+    if kind != "hub" and spec.revision is not None:
+        raise ValueError(
+            f"source {name!r}: revision={spec.revision!r} pins a Hub dataset; remove it for {kind} sources"
+        )
     if kind == "corpus" and spec.split != "train":
         raise ValueError(
             f"corpus {name!r} has a single split 'train', not {spec.split!r}; use max_documents, or hold "
@@ -215,6 +239,8 @@ def _check_fields(spec: SourceSpec) -> None:
         raise ValueError(f"{prefix} text_column must be a column name, got {spec.text_column!r}")
     if spec.sample_by not in _SAMPLE_BY:
         raise ValueError(f"{prefix} sample_by must be one of {_SAMPLE_BY}, got {spec.sample_by!r}")
+    if spec.revision is not None and (not isinstance(spec.revision, str) or not spec.revision.strip()):
+        raise ValueError(f"{prefix} revision must be a branch, tag or commit sha, or null; got {spec.revision!r}")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -345,6 +371,102 @@ def _check_not_empty(ds: datasets.Dataset, name: str) -> None:
             f"source {name!r} is empty: {len(ds)} documents and no non-blank text; check its files, "
             "text_column and split"
         )
+
+
+# ------------------------------------------------------------------------------- identity, fingerprint
+
+
+def source_identity(spec: SourceLike) -> frozenset[str]:
+    """Keys for the documents a source reads, without loading it: ``corpus:<name>``, ``file:<absolute path>`` per
+    file, ``hub:<id>|<subset>|<split>`` (slice, revision, caps and text column left out). Two sources whose keys
+    intersect may hold the same documents: it errs on the side of "shared", never the other way."""
+    spec = as_source_spec(spec)
+    kind, target, files = _resolve(spec)
+    if kind == "files":
+        return frozenset(f"file:{os.path.abspath(f)}" for f in files)
+    if kind == "hub":
+        return frozenset({f"hub:{target}|{spec.subset or ''}|{spec.split.split('[')[0]}"})
+    return frozenset({f"corpus:{target}"})
+
+
+# In-process memo of file digests: (path, size, mtime_ns) -> sha256. Every stage's freshness check hashes the same
+# files; a file whose size or mtime changes gets a new key, so an edit is never answered from here.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_CHUNK = 1 << 20
+
+
+def fingerprint(specs: Iterable[SourceLike], previous: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What the documents of `specs` are made of, as JSON-able data for a stage marker (nothing is loaded):
+
+    * ``files``: ``{absolute path: {"size", "mtime_ns", "sha256"}}`` for every local file;
+    * ``hub``: ``{"<id>|<subset>|<split>": revision}``, ``"unpinned"`` when the source pins none (a rerun cannot
+      tell whether the Hub copy changed: pin a commit with ``revision``);
+    * ``corpora``: ``{name: "<package> <version>"}``, the package that ships the built-in corpus's data
+      (``"unversioned <builder>"`` for a corpus registered without a ``PACKAGE``).
+
+    A file whose size and mtime equal its record in `previous` (an earlier fingerprint) keeps that record's sha256
+    instead of being read again; any other file is hashed (streamed, 1 MiB at a time). Compare two fingerprints
+    with `fingerprint_changes`, which looks at content (sha256), not at timestamps.
+    """
+    known = (previous or {}).get("files", {})
+    out: dict[str, dict[str, Any]] = {"files": {}, "hub": {}, "corpora": {}}
+    for source in specs:
+        spec = as_source_spec(source)
+        kind, target, files = _resolve(spec)
+        if kind == "files":
+            for path in files:
+                path = os.path.abspath(path)
+                out["files"][path] = _file_record(path, known.get(path))
+        elif kind == "hub":
+            key = f"{target}|{spec.subset or ''}|{spec.split}"
+            out["hub"][key] = spec.revision or "unpinned"
+        else:
+            out["corpora"][target] = _corpus_version(target)
+    return out
+
+
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs in content between two `fingerprint`s, one line per source ([] when the data is the same:
+    a file whose mtime alone changed, with the same sha256, is the same)."""
+    changes = []
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    for path in sorted(set(old_files) | set(new_files)):
+        before, after = old_files.get(path), new_files.get(path)
+        if before is None or after is None:
+            changes.append(f"{path}: {'added' if before is None else 'removed'}")
+        elif before.get("sha256") != after.get("sha256"):
+            changes.append(f"{path}: content changed (sha256 {before.get('sha256', '?')[:12]} -> "
+                           f"{after['sha256'][:12]}, {before.get('size')} -> {after['size']} bytes)")
+    for kind in ("hub", "corpora"):
+        before, after = old.get(kind, {}), new.get(kind, {})
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                changes.append(f"{kind} {key}: {before.get(key, 'absent')} -> {after.get(key, 'absent')}")
+    return changes
+
+
+def _file_record(path: str, previous: Mapping[str, Any] | None) -> dict[str, Any]:
+    stat = os.stat(path)
+    record = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if previous and previous.get("sha256") and all(previous.get(k) == v for k, v in record.items()):
+        return {**record, "sha256": previous["sha256"]}  # same size and mtime: trusted, as make and rsync do
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return {**record, "sha256": _DIGESTS[key]}
+
+
+def _corpus_version(name: str) -> str:
+    builder = CORPORA[name]
+    package = getattr(sys.modules.get(getattr(builder, "__module__", ""), None), "PACKAGE", None)
+    if package is None:
+        where = f"{getattr(builder, '__module__', '?')}.{getattr(builder, '__qualname__', type(builder).__name__)}"
+        return f"unversioned {where}"
+    return f"{package} {importlib.metadata.version(package)}"
 
 
 CORPORA: dict[str, Callable[..., datasets.Dataset]] = {

@@ -32,7 +32,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from pipeline.artifacts import RunArtifacts
-from pipeline.data import load_corpus
+from pipeline.data import held_out_sections, load_splits, tokenizer_section
+from pipeline.loading import DEFAULT_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -41,12 +42,6 @@ if TYPE_CHECKING:
 
 NAME = "tokenizer"
 
-DEFAULT_SPECIAL_TOKENS: dict[str, str] = {
-    "bos_token": "<|bos|>",
-    "eos_token": "<|eos|>",
-    "pad_token": "<|pad|>",
-    "unk_token": "<|unk|>",
-}
 
 # One BOS for the whole chat, a role line per turn, EOS after every turn (the model learns to stop after its
 # answer). `{% generation %}` marks what the assistant wrote, so fine-tuning can train on those tokens only
@@ -201,18 +196,17 @@ def _iter_texts(texts: Iterable[str | list[str]]) -> Iterator[str]:
 
 def run(recipe: Recipe, accelerator: Accelerator) -> PreTrainedTokenizerBase:
     """The tokenizer stage of a recipe → `output_dir/tokenizer/`: an existing tokenizer (`tokenizer.path`) copied
-    there, or a byte-level BPE trained on the TRAINING documents of `tokenizer.sources` (the held-out ones stay
-    unseen) with its fertility on the held-out documents in `fertility.json`."""
+    there, or a byte-level BPE trained on the TRAINING documents of `data.tokenizer_section` (``data`` split as
+    every stage splits it, over `tokenizer.sources`), so that no document the recipe holds out (pretraining's or
+    fine-tuning's, `data.held_out_sections`) is seen, with its fertility on the held-out documents in
+    `fertility.json`."""
     section, folder = recipe.tokenizer, RunArtifacts.of(recipe).tokenizer
     report = None
     if section.path is not None:
         tokenizer = AutoTokenizer.from_pretrained(section.path)
     else:
         with accelerator.main_process_first():
-            train_docs, held_out = load_corpus(
-                section.sources, seed=recipe.seed,
-                validation_fraction=recipe.data.validation_fraction, max_documents=section.max_documents,
-            )
+            train_docs, held_out = load_splits(tokenizer_section(recipe), recipe.seed, held_out_sections(recipe))
         if accelerator.is_main_process:
             batches = (batch["text"] for batch in train_docs.iter(batch_size=_FERTILITY_BATCH))
             tokenizer = train_tokenizer(

@@ -4,10 +4,11 @@ One optimizer step consumes `gradient_accumulation_steps` micro-batches on every
 Σ token losses / Σ target tokens over the whole window and all ranks, so accumulation 4 × batch 2 equals batch 8
 and ranks with few target tokens are not over-weighted (transformers #34191, #34242).
 
-Checkpoints are `accelerator.save_state` folders (model, optimizer, scheduler, RNG, sampler, and our
-`TrainState` with the data position) written to a temporary name and renamed when complete, so `resume: auto`
-never picks up a half-written one. A resumed run replays the same data order and ends with the same weights and
-logged losses as an uninterrupted one.
+Checkpoints (`pipeline.checkpoints`) are written every `save_every` steps, verified before resume, and a resumed run
+replays the same data order and ends with the same weights and logged losses as an uninterrupted one.
+
+A NaN/inf loss or gradient norm stops the run before the optimizer step (`NonFiniteGuard`), so nothing non-finite
+is ever applied, checkpointed or returned; `max_skipped_steps` lets a few such steps be skipped instead.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -36,10 +35,19 @@ from accelerate.utils import (
     set_seed,
 )
 from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
 
+from pipeline.checkpoints import (
+    TrainState,
+    list_checkpoints,
+    load_checkpoint,
+    recover_interrupted_saves,
+    resolve_resume,
+    save_checkpoint,
+    tidy_checkpoints,
+)
 from pipeline.scoring import score_batches
 
-CHECKPOINT_PREFIX = "checkpoint-"
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 LOG_FILE = "metrics.jsonl"
 
@@ -124,107 +132,12 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# State that travels in checkpoints besides model/optimizer/scheduler/RNG
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class TrainState:
-    """Where the run is: registered with `accelerator.register_for_checkpointing`, so it is saved and restored."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0  # epoch of the next micro-batch
-    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed (per rank)
-    tokens_seen: int = 0  # target tokens over all ranks
-    best_eval_loss: float = float("inf")
-    # What `batches_in_epoch` is counted in: resuming with another layout would skip the wrong data.
-    num_processes: int = 1
-    batch_size: int = 0
-    gradient_accumulation_steps: int = 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-
 @dataclass
 class TrainResult:
     model: torch.nn.Module  # as prepared by accelerate (unwrap it with accelerator.unwrap_model)
     state: TrainState
     history: list[dict[str, Any]] = field(default_factory=list)  # the JSONL records of this run
     final_eval: dict[str, float] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------------------
-def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first. Temporary folders of an interrupted save never match the pattern."""
-    if not checkpoint_dir.is_dir():
-        return []
-    found = [p for p in checkpoint_dir.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
-    """`auto`: the newest complete checkpoint if any; `never`: start fresh; otherwise a checkpoint path."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        checkpoints = list_checkpoints(checkpoint_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(resume).expanduser()
-    if not (path / "train_state.json").is_file():
-        raise FileNotFoundError(f"resume={resume!r} is not a complete checkpoint folder (no train_state.json in it)")
-    return path
-
-
-def save_checkpoint(accelerator: Accelerator, state: TrainState, checkpoint_dir: Path, keep_last: int) -> Path:
-    """Write the full state atomically: into a temporary folder, then one rename. Every rank must call this
-    (sharded FSDP/DeepSpeed saves are collectives); only the main process renames and prunes."""
-    final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{state.step:08d}"
-    staging = checkpoint_dir / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)  # left over by a crash during an earlier save
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (staging / "train_state.json").write_text(json.dumps(state.state_dict(), indent=2))
-        _fsync_tree(staging)
-        replaced = None
-        if final.exists():  # the same step saved again: keep the old copy until the new one is in place
-            replaced = final.with_name(f".old-{final.name}")
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(final, replaced)
-        os.replace(staging, final)
-        _fsync_dir(checkpoint_dir)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
-        for old in list_checkpoints(checkpoint_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush file contents before the rename publishes them: a power cut must not leave a 'complete' empty file."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,23 +154,33 @@ class MetricsLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             # A killed run may have logged steps after its last checkpoint; the resumed run logs them again.
             kept = [r for r in _read_jsonl(path) if r.get("step", 0) <= resume_step] if resume_step else []
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            path.write_text("".join(_json_line(r) for r in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
         self.records.append(record)
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(_json_line(record))
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self.accelerator.trackers:
             self.accelerator.log(numbers, step=record["step"])
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records; a non-finite number is null (older logs wrote NaN, which Python's json also reads)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [_json_safe(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    """NaN and infinity as null: JSON has no such numbers (`json.dumps` would write the non-standard NaN)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(_json_safe(record), allow_nan=False) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,18 +274,13 @@ def train(
 
     layout = dict(num_processes=accelerator.num_processes, batch_size=cfg.batch_size,
                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
-    state = TrainState(**layout)
-    accelerator.register_for_checkpointing(state)
-    if cfg.resume == "never" and accelerator.is_main_process and list_checkpoints(checkpoint_dir):
-        aside = checkpoint_dir.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(checkpoint_dir, aside)  # a fresh run must not prune, or resume from, another run's checkpoints
-        accelerator.print(f"resume: never — earlier checkpoints moved to {aside}")
-    # Decided once, on the main process: every rank must load the same checkpoint (or none).
-    resume_from = broadcast_object_list([resolve_resume(cfg.resume, checkpoint_dir)])[0]
+    state = TrainState(**layout)  # not registered with accelerate: its custom-object loader unpickles freely
+    resume_from = _decide_resume(accelerator, cfg, checkpoint_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        load_checkpoint(accelerator, resume_from, state)
         _check_layout(state, layout, resume_from)
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
+    guard = NonFiniteGuard(accelerator, cfg, state, last_checkpoint=resume_from)
     log = MetricsLog(accelerator, output_dir / LOG_FILE, resume_step=state.step)
     if accelerator.log_with:
         accelerator.init_trackers(run_name, config=_plain_config(cfg))
@@ -388,18 +306,25 @@ def train(
         # DDP/FSDP average gradients over ranks and accelerate divides by the window: undo both.
         scale = accelerator.num_processes * window
         loss_sum = torch.zeros((), device=accelerator.device)
+        skipped, grad_norm = False, None
         for batch in batches:
             with accelerator.accumulate(model):
                 outputs = forward(**batch, num_items_in_batch=denominator)
                 accelerator.backward(outputs.loss * scale)
                 loss_sum += outputs.loss.detach() * denominator
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
+                if not accelerator.sync_gradients:
+                    continue  # accumulating: accelerate makes step and zero_grad no-ops here
+                # Measured even without clipping (max_norm=inf scales by exactly 1), so inf/NaN gradients are seen.
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
+                skipped = guard.check(loss_sum, denominator, grad_norm)  # raises, or allows skipping a bad step
+                if not skipped:
+                    optimizer.step()
+                elif accelerator.scaler is not None:  # fp16: the GradScaler skips it, keeping its bookkeeping whole
+                    _poison_gradients(model)
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
-        if not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf/NaN gradients
+        if not skipped and not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips inf/NaN gradients
             scheduler.step()
         state.step += 1
         unsynced_targets += global_targets
@@ -418,6 +343,7 @@ def train(
             record = {
                 "step": state.step, "loss": step_loss, "lr": lr, "epoch": state.epoch,
                 "tokens_seen": state.tokens_seen, "tokens_per_second": tokens_since_log / max(elapsed, 1e-9),
+                "skipped_steps": state.skipped_steps,
             }
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
@@ -433,14 +359,130 @@ def train(
             state.best_eval_loss = min(state.best_eval_loss, final_eval["eval_loss"])
             log.log({"step": state.step, **final_eval})
         if save_now:
-            save_checkpoint(accelerator, state, checkpoint_dir, cfg.keep_last)
+            guard.check_weights(model)  # a checkpoint never holds NaN/inf weights
+            guard.last_checkpoint = save_checkpoint(accelerator, state, checkpoint_dir, cfg.keep_last)
     progress.close()
+    guard.check_weights(model)  # nor does the model handed back for saving (a resumed, finished run included)
     if accelerator.log_with:
         accelerator.end_training()
     if accelerator.is_main_process:
         plot_loss_curve(output_dir / LOG_FILE, output_dir / "loss_curve.png")
     accelerator.wait_for_everyone()
     return TrainResult(model=model, state=state, history=_read_jsonl(output_dir / LOG_FILE), final_eval=final_eval)
+
+
+def save_trained(accelerator: Accelerator, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path,
+                 *, inner: str | None = None) -> None:
+    """`save_pretrained` of a trained model and its tokenizer into ``folder``: a full model, or a PEFT model's adapter.
+    The state dict is gathered from FSDP/DeepSpeed shards, a collective every rank joins; only the main process
+    writes. ``inner``: the attribute of a training-only wrapper that holds the model to save (its keys lose the
+    ``inner.`` prefix)."""
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    if inner is not None:
+        unwrapped = getattr(unwrapped, inner)
+        state_dict = {key.removeprefix(f"{inner}."): value for key, value in state_dict.items()}
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    accelerator.wait_for_everyone()
+
+
+def _decide_resume(accelerator: Accelerator, cfg: Any, checkpoint_dir: Path) -> Path | None:
+    """Which checkpoint to load, decided once on the main process (which may move folders): every rank loads the same
+    one, or every rank raises the same error."""
+    decision: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            recover_interrupted_saves(checkpoint_dir, say=accelerator.print)
+            if cfg.resume == "never" and list_checkpoints(checkpoint_dir):
+                aside = checkpoint_dir.with_name(f"checkpoints.before-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(checkpoint_dir, aside)  # a fresh run must not prune, or resume from, another run's checkpoints
+                accelerator.print(f"resume: never — earlier checkpoints moved to {aside}")
+            chosen = resolve_resume(cfg.resume, checkpoint_dir, cfg.on_damaged_checkpoint, say=accelerator.print)
+            tidy_checkpoints(checkpoint_dir, cfg.keep_last, keep=chosen)  # keep_last holds from the start
+            decision = [chosen, None]
+        except Exception as error:  # noqa: BLE001 — the other ranks wait in the broadcast: they must hear of it
+            decision = [None, error]
+    chosen, error = broadcast_object_list(decision)
+    if error is not None:
+        raise error
+    return chosen
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, the gradient norm or the weights became NaN/inf: the run stopped before applying or saving it."""
+
+
+class NonFiniteGuard:
+    """Stops a step whose loss or gradient norm is NaN/inf before the optimizer applies it (or, within
+    `max_skipped_steps`, drops its gradients and skips it, as large-scale trainers do), and refuses to hand on
+    non-finite weights. Under fp16 a non-finite gradient is the GradScaler's to skip (it lowers the scale): only a
+    non-finite loss counts. Under DeepSpeed the engine steps inside `backward`, so a bad step stops the run."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Any, state: TrainState, last_checkpoint: Path | None):
+        self.accelerator, self.cfg, self.state = accelerator, cfg, state
+        self.last_checkpoint = last_checkpoint
+        self.can_skip = accelerator.distributed_type != DistributedType.DEEPSPEED
+
+    def check(self, loss_sum: torch.Tensor, denominator: torch.Tensor, grad_norm: Any) -> bool:
+        """True: skip this step (counted). Raises NonFiniteError when the step is bad and may not be skipped."""
+        device = loss_sum.device
+        bad = ~torch.isfinite(loss_sum)
+        if grad_norm is not None and self.accelerator.scaler is None:
+            bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=device))
+        # The one host sync per optimizer step this guard costs: the step must be decided before it is applied, and
+        # alike on every rank (a NaN loss on one rank is one rank's; gradients are already reduced).
+        if not self.accelerator.reduce(bad.to(torch.float32), reduction="sum").item():
+            return False
+        loss = (self.accelerator.reduce(loss_sum, reduction="sum") / denominator).item()
+        norm = float(grad_norm) if grad_norm is not None else None
+        step = self.state.step + 1
+        what = f"the loss is {loss}" + (f" and the gradient norm is {norm}" if norm is not None else "")
+        if self.can_skip and self.state.skipped_steps < self.cfg.max_skipped_steps:
+            self.state.skipped_steps += 1
+            self.accelerator.print(
+                f"step {step}: {what}; step skipped, its gradients dropped "
+                f"({self.state.skipped_steps} of max_skipped_steps={self.cfg.max_skipped_steps})"
+            )
+            return True
+        raise NonFiniteError(f"training diverged at step {step}: {what}. {self._advice()}")
+
+    def check_weights(self, model: torch.nn.Module) -> None:
+        local = torch.stack([_local_shard(p).isfinite().all() for p in model.parameters()]).all()
+        if self.accelerator.reduce((~local).to(torch.float32), reduction="sum").item():
+            raise NonFiniteError(
+                f"after step {self.state.step} the weights hold NaN/inf values (an update overflowed). {self._advice()}"
+            )
+
+    def _advice(self) -> str:
+        cfg = self.cfg
+        where = (f"Last good checkpoint: {self.last_checkpoint} (resume: auto continues from it)"
+                 if self.last_checkpoint else "Last good checkpoint: none yet")
+        tries = [f"a lower learning_rate (now {cfg.learning_rate:g})"]
+        if cfg.mixed_precision != "no":
+            tries.append(f"mixed_precision: no, i.e. fp32 (now {cfg.mixed_precision})")
+        tries.append(f"a lower max_grad_norm (now {cfg.max_grad_norm:g})" if cfg.max_grad_norm
+                     else "max_grad_norm: 1.0 (gradient clipping is off)")
+        tries.append("more warmup_steps")
+        if self.can_skip:
+            tries.append(f"max_skipped_steps above {cfg.max_skipped_steps} to skip a few bad steps")
+        skipped = f" {self.state.skipped_steps} bad step(s) were skipped before." if self.state.skipped_steps else ""
+        return (f"Nothing of it was applied or saved.{skipped} {where}. Try {', '.join(tries[:-1])} or {tries[-1]}")
+
+
+def _poison_gradients(model: torch.nn.Module) -> None:
+    """NaN gradients, which a GradScaler's step always skips (lowering its scale), whatever the loss did to them."""
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.fill_(math.nan)
+
+
+def _local_shard(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: FSDP2's DTensor local shard, DeepSpeed ZeRO-3's partition, or itself."""
+    if hasattr(param, "to_local"):
+        return param.to_local()
+    return getattr(param, "ds_tensor", param).detach()
 
 
 def _plain_config(cfg: Any) -> dict[str, Any]:
@@ -538,8 +580,9 @@ def _peak_flops(accelerator: Accelerator) -> float:
 def plot_loss_curve(log_path: Path, png_path: Path) -> Path | None:
     """Training loss (and validation loss where evaluated) against step."""
     records = _read_jsonl(log_path)
-    train_points = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    eval_points = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    # A skipped step's loss is null: left out of the curve.
+    train_points = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    eval_points = [(r["step"], r["eval_loss"]) for r in records if r.get("eval_loss") is not None]
     if not train_points:
         return None
     import matplotlib

@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline.models.quill  # noqa: F401  (registers Quill with the Auto classes and PEFT)
 from pipeline.evaluation import language_model_metrics, measure_pair
-from pipeline.finetune import lora_config, save_adapter
+from pipeline.loading import lora_config
+from pipeline.training import save_trained
 from pipeline.loading import load_base, merge_adapter
 from pipeline.recipe import LoraSection
 
@@ -133,7 +134,7 @@ def test_trl_sft_trainer_lora_adapter_has_our_format_and_loads_in_the_evaluate_s
     # Our finetune stage's adapter for the same recipe section: its own config, PEFT wrapping and writer.
     ours_dir = tmp_path / "ours-adapter"
     base = load_base(trained_lm.folder, "causal_lm", None, tokenizer)
-    save_adapter(Accelerator(cpu=True), get_peft_model(base, lora_config(LORA, "causal_lm")), tokenizer, ours_dir)
+    save_trained(Accelerator(cpu=True), get_peft_model(base, lora_config(LORA, "causal_lm")), tokenizer, ours_dir)
 
     assert ADAPTER_FILES <= {p.name for p in trl_dir.iterdir()}
     assert ADAPTER_FILES <= {p.name for p in ours_dir.iterdir()}

@@ -114,3 +114,70 @@ def test_decoding_strategies(tokenizer, tiny_quill) -> None:
     assert outputs["greedy"] == greedy == outputs["top-k=1"]
     again = decode_side_by_side(model, tokenizer, prompt, max_new_tokens=8, strategies={"top-p=1.0": dict(do_sample=True, top_p=1.0, top_k=0)})
     assert again["top-p=1.0"] == outputs["top-p=1.0"]  # seeded: sampling repeats
+
+
+# ---------------------------------------------------------------------------------------------------- user mistakes
+@pytest.fixture(scope="module")
+def model_dir(tokenizer, tiny_quill, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inspect-model")
+    tiny_quill(tokenizer, position_embedding_type="learned", max_position_embeddings=32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_temperature_zero_is_greedy_all_mass_on_the_argmax(tokenizer, tiny_quill) -> None:
+    model = tiny_quill(tokenizer)
+    top = next_token_distribution(model, tokenizer, "the king", top=3, temperature=0.0)
+    argmax = model(**tokenizer("the king", return_tensors="pt")).logits[0, -1].argmax().item()
+    assert top[0] == (tokenizer.decode([argmax]), 1.0) and [p for _, p in top[1:]] == [0.0, 0.0]
+
+
+def test_a_prompt_longer_than_the_positions_is_refused_with_the_count(tokenizer, tiny_quill) -> None:
+    model = tiny_quill(tokenizer, position_embedding_type="learned", max_position_embeddings=16)
+    long = "the king and the queen ride to the castle " * 4
+    with pytest.raises(ValueError, match=r"more than the model's 16 positions"):
+        attention_maps(model, tokenizer, long)
+    with pytest.raises(ValueError, match=r"\+ 30 new tokens, more than the model's 16 positions.*--max-new-tokens"):
+        decode_side_by_side(model, tokenizer, "the king", max_new_tokens=30)
+    rope = tiny_quill(tokenizer, max_position_embeddings=16)  # rotary positions would silently extrapolate
+    with pytest.raises(ValueError, match="positions"):
+        next_token_distribution(rope, tokenizer, long)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["tokens", "{missing}", "the king"], "does not exist"),
+    (["params", "{empty}"], "holds no config.json"),
+    (["similar", "{model}", "the knight"], "not one"),
+    (["similar", "{model}", " king", "--top", "100000"], "--top 100000 is outside 1.."),
+    (["attention", "{model}", "the king", "--layer", "99"], "--layer 99: the model has layers 0..1"),
+    (["positions", "{model}", "--length", "100"], "--length 100 is outside 1..32"),
+    (["next", "{model}", "the king " * 20], "more than the model's 32 positions"),
+])
+def test_inspect_answers_a_user_mistake_with_a_message_not_a_traceback(argv, message, model_dir, tmp_path,
+                                                                       capsys, monkeypatch) -> None:
+    from pipeline.cli import main
+
+    monkeypatch.delenv("PIPELINE_DEBUG", raising=False)
+    (tmp_path / "empty").mkdir()
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "model": model_dir}
+    assert main(["inspect", *[a.format(**paths) for a in argv]]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "PIPELINE_DEBUG=1" in err
+
+
+@pytest.mark.parametrize("argv", [["positions", "m", "--length", "-1"], ["decode", "m", "x", "--max-new-tokens", "0"],
+                                  ["next", "m", "x", "--temperature", "-1"], ["next", "m", "x", "--top", "0"]])
+def test_inspect_refuses_a_negative_or_zero_size_before_loading_anything(argv, capsys) -> None:
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["inspect", *argv])
+    assert exit_.value.code == 2 and "is not a" in capsys.readouterr().err
+
+
+def test_pipeline_debug_keeps_the_traceback(tmp_path, monkeypatch) -> None:
+    from pipeline.cli import main
+
+    monkeypatch.setenv("PIPELINE_DEBUG", "1")
+    with pytest.raises(ValueError, match="does not exist"):
+        main(["inspect", "params", str(tmp_path / "missing")])

@@ -155,16 +155,22 @@ def test_collate_pads_unpacked_examples_and_leaves_packed_blocks_unmasked():
 # ------------------------------------------------------------------------------------ corpus split
 
 
-def test_validation_documents_never_appear_in_train(corpora):
+def test_validation_documents_never_appear_in_train(corpora, caplog):
     texts = make_docs(40) + make_docs(40)[:15] * 2  # 15 texts occur three times
     name = corpora("dupes", texts)
     splits = {}
     for seed in (0, 1, 2, 3):
+        caplog.clear()
         train, validation = load_corpus([name], seed=seed, validation_fraction=0.25)
         train_texts, held_out = set(train["text"]), validation["text"]
         assert held_out and not train_texts & set(held_out)
-        assert len(held_out) == len(set(held_out))
+        # membership is by document: exactly round(0.25 * 70) documents, a duplicate picked twice kept twice
+        assert len(held_out) == 18
         assert train_texts | set(held_out) == set(texts)
+        # the copies of held-out texts left out of training are counted, not dropped silently
+        dropped = len(texts) - len(train) - len(held_out)
+        assert dropped > 0
+        assert f"'dupes': {dropped} training document(s) left out: {dropped} exact copies" in caplog.text
         splits[seed] = sorted(held_out)
     first_train = load_corpus([name], seed=0, validation_fraction=0.25)[0]["text"]
     again, validation = load_corpus([name], seed=0, validation_fraction=0.25)
@@ -236,6 +242,34 @@ def test_load_splits_passes_the_section_whole(corpora, fields):
     assert isinstance(train, datasets.IterableDataset) == section.streaming
     if section.validation_documents is not None:
         assert len(validation) == section.validation_documents
+
+
+def test_a_text_held_out_by_one_source_is_not_trained_from_another(corpora):
+    shared = make_docs(20, seed=8)
+    a = corpora("first", shared)
+    b = corpora("second", make_docs(20, seed=9, prefix="B ") + shared)  # every text of `first` again
+    train, validation = load_corpus([a, b], seed=0, validation_fraction=0.25)
+    assert not set(train["text"]) & set(validation["text"])
+
+
+def test_held_out_by_leaves_out_what_a_section_sharing_a_source_holds_out(corpora, monkeypatch):
+    name = corpora("shared", make_docs(60, seed=10))
+    other = corpora("unrelated", make_docs(60, seed=11, prefix="U "))
+    mine = section_of([{"name": name}], validation_fraction=0.1)
+    theirs = section_of([{"name": name}], validation_fraction=0.3)  # the same corpus, split differently
+    alone_train, alone_validation = load_splits(mine, seed=0)
+    train, validation = load_splits(mine, seed=0, held_out_by=[mine, theirs])
+    their_validation = set(load_splits(theirs, seed=0)[1]["text"])
+    assert validation["text"] == alone_validation["text"]  # the section's own held-out set does not move
+    assert set(alone_train["text"]) & their_validation  # without it, training would read their held-out texts
+    assert not set(train["text"]) & their_validation
+    assert set(train["text"]) == set(alone_train["text"]) - their_validation
+    # a section that shares no source is not even loaded
+    loaded = []
+    real = data.load_source
+    monkeypatch.setattr(data, "load_source", lambda spec: loaded.append(spec.name) or real(spec))
+    load_splits(mine, seed=0, held_out_by=[section_of([{"name": other}])])
+    assert loaded == [name]
 
 
 def test_block_loaders_batch_the_packed_blocks_of_each_split(corpora, tok):

@@ -309,7 +309,9 @@ def assert_same_run(run, reference) -> None:
     assert len(expected_losses) == 3 and losses == pytest.approx(expected_losses, rel=1e-5)
     assert weights.keys() == expected_weights.keys()
     for key, value in expected_weights.items():
-        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        # atol 1e-5: Adam turns float noise in a near-zero gradient into ~1e-6 on its element (seen: 1.8e-6 in one
+        # of 3,000); ranks weighted wrongly change the logged losses above and the weights far beyond that.
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_classification_loss_accumulates_like_a_full_batch(tmp_path, base_dir, data_file) -> None:

@@ -52,10 +52,12 @@ def test_batched_greedy_generation_equals_generating_one_prompt_at_a_time(tokeni
         assert sample["completions"] == [tokenizer.decode(alone[0, ids.shape[1]:], skip_special_tokens=True)]
 
 
-def test_a_prompt_longer_than_the_positions_keeps_its_end(tokenizer) -> None:
+def test_a_prompt_longer_than_the_positions_keeps_its_end_and_says_so(tokenizer, caplog) -> None:
     model = rows_quill(tokenizer, position_embedding_type="learned", max_position_embeddings=24, initializer_range=0.3)
     prompt = " ".join(WORDS)  # ~90 tokens: more than a learned table of 24 positions can embed
-    [sample] = generate_samples(model, tokenizer, [prompt], GenerationSection(max_new_tokens=4))
+    with caplog.at_level("WARNING", logger="pipeline.generation"):
+        [sample] = generate_samples(model, tokenizer, [prompt], GenerationSection(max_new_tokens=4))
+    assert "1 prompt(s) of up to" in caplog.text and "exceed the 20" in caplog.text
     ids = tokenizer(prompt, add_special_tokens=False).input_ids
     kept = torch.tensor([[tokenizer.bos_token_id, *ids[-(24 - 4 - 1):]]])  # BOS + the last tokens, 20 in all
     alone = model.generate(input_ids=kept, attention_mask=torch.ones_like(kept), max_new_tokens=4, do_sample=False,

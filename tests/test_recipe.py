@@ -77,7 +77,7 @@ evaluate:
   general: [{name: data.txt}]
   max_documents: null
   few_shot: 2
-  tasks: [perplexity, generation]
+  tasks: [perplexity, classification]
   generation: {prompts: ["E11", "1:30", "1e-4", "no"], do_sample: true, temperature: 0.7, top_k: 5, top_p: 0.9,
                num_return_sequences: 2}
 hub: {push: true, repo_id: someone/quill-icd, private: true, revision: dev, commit_message: first}

@@ -147,10 +147,12 @@ def test_hub_ids_are_passed_to_load_dataset(monkeypatch):
     assert load_source(spec).to_dict() == {"text": ["from the hub"]}
     load_source("hub:wikitext")
     load_source("mlfoundations/dclm-baseline-1.0")  # a version number is not a file extension
+    load_source({"name": "owner/corpus", "revision": "0123abc"})  # a pinned commit reaches the Hub
     assert calls == [
         ("owner/corpus", {"name": "en", "split": "validation", "streaming": False}),
         ("wikitext", {"name": None, "split": "train", "streaming": False}),
         ("mlfoundations/dclm-baseline-1.0", {"name": None, "split": "train", "streaming": False}),
+        ("owner/corpus", {"name": None, "split": "train", "streaming": False, "revision": "0123abc"}),
     ]
 
 

