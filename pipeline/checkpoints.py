@@ -10,9 +10,12 @@ every other file is checked to load with ``weights_only=True`` (or is safetensor
 from __future__ import annotations
 
 import hashlib
+import importlib
+import io
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -22,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import load
 from safetensors import safe_open
@@ -167,7 +171,7 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{TRAIN_STATE} is missing"
     except (OSError, ValueError, TypeError) as error:
         return f"{TRAIN_STATE} is unreadable ({error})"
-    return _unreadable_safetensors(folder) or _unsafe_pickle(folder)
+    return _unreadable_safetensors(folder) or _unsafe_pickle(folder) or _unsafe_sharded_state(folder)
 
 
 def _unreadable_safetensors(folder: Path) -> str | None:
@@ -221,6 +225,59 @@ def _unsafe_pickle(folder: Path) -> str | None:
                 found = re.search(r"Unsupported global: [^\n]*", text)
                 return f"{name} would run code when loaded ({found.group(0) if found else 'not plain tensors'})"
             return f"{name} is unreadable ({type(error).__name__}: {text.splitlines()[0] if text else ''})"
+    return None
+
+
+# What a `torch.distributed.checkpoint` ``.metadata`` file (FSDP's sharded state) holds besides the classes of that
+# package and torch's dtypes: torch unpickles it with plain `pickle`, so it is read here first allowing only these.
+_SHARDED_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+}
+
+
+class _ShardedMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SHARDED_METADATA_GLOBALS or _is_dtype(module, name) or _is_checkpoint_class(module, name):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
+
+
+def _is_dtype(module: str, name: str) -> bool:
+    return module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+
+
+def _is_checkpoint_class(module: str, name: str) -> bool:
+    """A class (or enum) defined in torch.distributed.checkpoint itself, by a plain name (no attribute paths)."""
+    if not module.startswith("torch.distributed.checkpoint.") or "." in name:
+        return False
+    return isinstance(getattr(importlib.import_module(module), name, None), type)
+
+
+def _unsafe_sharded_state(folder: Path) -> str | None:
+    """FSDP's sharded state: torch.distributed.checkpoint reads each ``.metadata`` with plain `pickle.load` and every
+    non-tensor entry with ``torch.load(weights_only=False)``; check both before it does."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    for path in sorted(folder.rglob(".metadata")):
+        name = path.relative_to(folder).as_posix()
+        try:
+            with path.open("rb") as handle:
+                metadata = _ShardedMetadataUnpickler(handle).load()
+            entries = [(fqn, metadata.storage_data[MetadataIndex(fqn)])
+                       for fqn, item in metadata.state_dict_metadata.items() if isinstance(item, BytesStorageMetadata)]
+        except pickle.UnpicklingError as error:
+            return f"{name} would run code when loaded ({error})"
+        except Exception as error:  # noqa: BLE001 — any other failure: unreadable, refused all the same
+            return f"{name} is unreadable ({type(error).__name__}: {error})"
+        for fqn, info in entries:
+            with (path.parent / info.relative_path).open("rb") as handle:
+                handle.seek(info.offset)
+                blob = handle.read(info.length)
+            try:
+                torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            except Exception as error:  # noqa: BLE001 — not plain data: it would run code under weights_only=False
+                return f"{name}: the entry {fqn!r} would run code when loaded ({str(error).splitlines()[0]})"
     return None
 
 

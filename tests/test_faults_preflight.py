@@ -187,5 +187,5 @@ def test_a_huge_or_non_utf8_recipe_file_is_refused_with_where(tmp_path) -> None:
         load_recipe(huge)
     latin = tmp_path / "latin1.yaml"
     latin.write_bytes("output_dir: out  # café\n".encode("latin-1"))
-    with pytest.raises(RecipeError, match=rf"{latin.name}.*not UTF-8 text: byte offset 22 \(line 1\) holds 0xe9"):
+    with pytest.raises(RecipeError, match=rf"(?s){latin.name}.*not UTF-8 text: byte offset 22 \(line 1\) holds 0xe9"):
         load_recipe(latin)

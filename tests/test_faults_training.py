@@ -5,6 +5,7 @@ saves and metrics.jsonl stay tidy."""
 from __future__ import annotations
 
 import json
+import pickle
 import os
 import re
 import shutil
@@ -16,7 +17,13 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from pipeline.checkpoints import CheckpointError, list_checkpoints, resolve_resume, write_manifest
+from pipeline.checkpoints import (
+    CheckpointError,
+    checkpoint_problem,
+    list_checkpoints,
+    resolve_resume,
+    write_manifest,
+)
 from pipeline.training import MetricsLog, NonFiniteError, plot_loss_curve
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -303,6 +310,31 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_never_runs(
         write_manifest(checkpoint)
     with pytest.raises(CheckpointError, match=f"refusing resume=.*{kind} would run code when loaded"):
         resolve_resume(str(checkpoint), run / "checkpoints")
+    assert not marker.exists()
+
+
+def sharded_checkpoint(folder: Path, extra: object = 3) -> Path:
+    """A checkpoint folder holding FSDP-style sharded state (torch.distributed.checkpoint, saved in one process):
+    tensors plus a non-tensor entry, which DCP stores pickled and loads with ``weights_only=False``."""
+    import torch.distributed.checkpoint as dcp
+
+    folder.mkdir(parents=True)
+    (folder / "train_state.json").write_text(json.dumps({"step": 2}))
+    state = {"model": {"w": torch.randn(4, 3), "b": torch.zeros(3, dtype=torch.bfloat16)}, "extra": extra}
+    dcp.save(state, checkpoint_id=str(folder / "pytorch_model_fsdp_0"))
+    return folder
+
+
+def test_a_sharded_fsdp_state_is_checked_before_torch_unpickles_it(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    sound = sharded_checkpoint(tmp_path / "sound")
+    assert checkpoint_problem(sound) is None  # a real .metadata and a plain entry pass
+    entry = sharded_checkpoint(tmp_path / "entry", extra=Payload(marker))
+    assert "the entry 'extra' would run code when loaded" in checkpoint_problem(entry)
+    crafted = sharded_checkpoint(tmp_path / "metadata")
+    (crafted / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    assert "pytorch_model_fsdp_0/.metadata would run code when loaded (Unsupported global: io.open)" in (
+        checkpoint_problem(crafted))
     assert not marker.exists()
 
 
