@@ -147,8 +147,18 @@ def _refuse_existing(out: Path) -> None:
         raise FileExistsError(f"{out} already exists: remove it or choose another output path")
 
 
+def _usual_permissions(path: Path) -> None:
+    """tempfile makes private (0600/0700) files and folders; give an export the modes any new file gets (umask), so a
+    server running as another user can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 def _publish(build: Path, out: Path) -> None:
     """Move a finished export into place in one rename, so a failure midway leaves no half-written OUT."""
+    _usual_permissions(build)
     if out.is_dir():  # empty, as _refuse_existing checked
         out.rmdir()
     os.replace(build, out)
@@ -374,6 +384,7 @@ def export_gguf(model: str | Path, out_file: Path, adapter: str | Path | None = 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        _usual_permissions(Path(partial))
         os.replace(partial, out_file)
     except BaseException:
         Path(partial).unlink(missing_ok=True)

@@ -4,6 +4,8 @@ here: what the command writes, refuses and prints)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -80,6 +82,10 @@ def test_export_writes_a_llama_folder_and_refuses_clearly(base_and_adapter, tmp_
     base, adapter, tokenizer = base_and_adapter
     assert main(["export", str(base), str(tmp_path / "llama"), "--format", "llama", "--adapter", str(adapter)]) == 0
     assert isinstance(AutoModelForCausalLM.from_pretrained(tmp_path / "llama"), LlamaForCausalLM)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "llama").stat().st_mode & 0o777 == 0o777 & ~umask  # not tempfile's private 0700
+    assert (tmp_path / "llama" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     learned = tmp_path / "learned"
     tiny_quill(tokenizer, position_embedding_type="learned").save_pretrained(learned)
     tokenizer.save_pretrained(learned)
