@@ -293,12 +293,14 @@ def test_a_stream_stops_when_cancelled_or_closed(loaded):
     _, model, tokenizer = loaded
     sampling = Sampling(max_new_tokens=60, temperature=0, repetition_penalty=1.3)
     cancel = threading.Event()
+    cancel.set()  # before the first token: setting it mid-stream races a tiny model that finishes in milliseconds
     tokens = stream(model, tokenizer, PROMPTS[0], sampling, cancel)
-    next(tokens)
-    cancel.set()
     rest = list(tokens)
     assert tokens.finish_reason == "cancelled"
-    assert tokens.completion_tokens < 60, rest
+    assert tokens.completion_tokens == 1, rest  # generate checks its stopping criteria after each token
+    uncancelled = stream(model, tokenizer, PROMPTS[0], sampling)
+    list(uncancelled)
+    assert uncancelled.completion_tokens > 1 and uncancelled.finish_reason != "cancelled"  # it would have gone on
     closed = stream(model, tokenizer, PROMPTS[0], sampling)
     next(closed)
     closed.close()
