@@ -54,6 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(error: Exception, code: int = 1) -> int:
+    """A problem with the user's input, data or world: its message names the problem and the fix, so it is printed
+    without a traceback (PIPELINE_DEBUG=1 raises it instead)."""
+    if os.environ.get("PIPELINE_DEBUG"):
+        raise error
+    print(f"error: {error}\n(set PIPELINE_DEBUG=1 for the traceback)", file=sys.stderr)
+    return code
+
+
+def _recipe_refused(error: Exception) -> int:
+    """A recipe refused before anything ran: every problem with its key and fix; a traceback would add nothing."""
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
 # ------------------------------------------------------------------------------------------ run
 def _add_run(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
@@ -87,8 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _recipe_refused(error)
     stages = args.stages.split(",") if args.stages else None
     if args.dry_run:
         import yaml
@@ -101,8 +115,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             preflight.check(recipe, stages)  # what `pipeline run` would refuse, refused here too
         except RecipeError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            return _recipe_refused(error)
         return 0
 
     from accelerate import PartialState
@@ -113,14 +126,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         outcomes = run_recipe(recipe, stages=stages, expected_processes=args.num_processes, force=args.force)
     except RecipeError as error:  # the pre-flight checks: nothing ran
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (HubPushError, ValueError, FileNotFoundError, RuntimeError) as error:
-        # Problems with the user's data, world or Hub access: the message names the problem and the fix.
-        if os.environ.get("PIPELINE_DEBUG"):
-            raise
-        print(f"error: {error}\n(set PIPELINE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        return _recipe_refused(error)
+    except (HubPushError, ValueError, FileNotFoundError, RuntimeError) as error:  # the user's data, world or Hub
+        return _report(error)
     if PartialState().is_main_process:
         for outcome in outcomes:
             print(f"{outcome.stage:>10}: {outcome.status:<22} {outcome.folder}")
@@ -180,11 +188,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     try:
         return inspect_command(args)
-    except (ValueError, OSError) as error:  # a user's folder, word, layer or prompt: the message says what to fix
-        if os.environ.get("PIPELINE_DEBUG"):
-            raise
-        print(f"error: {error}\n(set PIPELINE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as error:  # a user's folder, word, layer or prompt
+        return _report(error, code=2)
 
 
 def _number(text: str, kind: type, low: float, words: str) -> int | float:
@@ -244,11 +249,6 @@ def _sampling(args: argparse.Namespace):  # -> inference.Sampling
                     seed=args.seed, num_samples=getattr(args, "num_samples", 1))
 
 
-def _report(error: Exception) -> int:
-    if os.environ.get("PIPELINE_DEBUG"):
-        raise error
-    print(f"error: {error}", file=sys.stderr)
-    return 1
 
 
 def _add_generate(commands: argparse._SubParsersAction) -> None:
