@@ -15,6 +15,7 @@ which model is which, so the answer is the same everywhere.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from pipeline.recipe import Recipe
 
 __all__ = ["MODEL_WEIGHTS", "TOKENIZER_FILES", "RunArtifacts", "TunedModel", "base_key", "base_model", "check_model_folder",
-           "model_folder_problem", "tokenizer_folder_problem", "tuned_model"]
+           "is_local", "model_folder_problem", "portable_location", "tokenizer_folder_problem", "tuned_model"]
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,17 @@ def is_local(location: str) -> bool:
     except HFValidationError:
         return True
     return False
+
+
+def portable_location(location: str | Path, start: str | Path | None = None) -> str:
+    """How a saved file names another model: a Hub id as it is; a local path relative to ``start`` (default: the
+    working directory), POSIX-style, like the relative paths a recipe is written with. An absolute path would break
+    on any other machine and tell the readers of a card where the author keeps their files."""
+    location = str(location)
+    if not is_local(location):
+        return location
+    relative = os.path.relpath(os.path.abspath(os.path.expanduser(location)), os.path.abspath(start or os.curdir))
+    return Path(relative).as_posix()
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ from peft import PeftModel, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.artifacts import RunArtifacts, base_model
+from pipeline.adapter_card import AdapterFacts, write_adapter_card
+from pipeline.artifacts import RunArtifacts, base_model, portable_location
 from pipeline.data import (
     IGNORE_INDEX,
     block_loaders,
@@ -93,6 +94,9 @@ def run(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
     untuned = _setup_base(base, section.task, labels, tokenizer)
     check_lora_targets(untuned, peft_config)  # before any tokenization: a typo fails in seconds
     model = get_peft_model(untuned, peft_config)
+    # adapter_config.json names the base for AutoPeftModel*: a Hub id, or a path relative to where the run started.
+    model.peft_config["default"].base_model_name_or_path = portable_location(base)
+    trainable, total = model.get_nb_trainable_parameters()
 
     if section.task == "causal_lm":
         train_loader, eval_loader = block_loaders(
@@ -110,6 +114,12 @@ def run(recipe: Recipe, accelerator: Accelerator) -> TrainResult:
                    byte_lengths=byte_lengths, run_name=NAME)
     wrapped = isinstance(accelerator.unwrap_model(result.model), _WindowNormalizedLoss)
     save_trained(accelerator, result.model, tokenizer, run_folders.adapter, inner="model" if wrapped else None)
+    if accelerator.is_main_process:  # over PEFT's empty template
+        write_adapter_card(run_folders.adapter, AdapterFacts(
+            base=base, task=section.task, sources=[source.name for source in section.data.sources],
+            steps=result.state.step, r=section.lora.r, alpha=section.lora.alpha, dropout=section.lora.dropout,
+            target_modules=section.lora.target_modules, trainable=trainable, total=total,
+            validation=result.final_eval))
     if section.merge:
         if accelerator.is_main_process:
             # A plain fp32 copy of the base on this process alone: under ZeRO-3, from_pretrained would otherwise

@@ -20,11 +20,12 @@ from __future__ import annotations
 import filecmp
 import json
 import math
+import os
 import re
 import shlex
 import shutil
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
@@ -42,7 +43,7 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError
 
-from pipeline.artifacts import RunArtifacts, base_model, is_local
+from pipeline.artifacts import RunArtifacts, base_model, is_local, portable_location
 from pipeline.recipe import Recipe, recipe_to_dict
 
 if TYPE_CHECKING:
@@ -225,7 +226,8 @@ def _recipe_section(recipe: Mapping | None) -> str:
 
 def _plain(value: Any) -> Any:
     """A recipe mapping (`recipe_to_dict`, which already drops ``hub.token``) -> YAML-safe builtins, paths and enums as
-    text, with anything that looks like a secret redacted: the card may be given any mapping, and is public."""
+    text, with anything that looks like a secret redacted and absolute paths made relative (they would tell where the
+    author keeps their files): the card may be given any mapping, and is public."""
     if isinstance(value, Mapping):
         return {
             str(k): "<redacted>" if str(k).lower() in _SECRET_KEYS and v is not None else _plain(v)
@@ -233,8 +235,10 @@ def _plain(value: Any) -> Any:
         }
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
+    if isinstance(value, PurePath):
+        value = str(value)
     if isinstance(value, str):
-        return _HF_TOKEN_VALUE.sub("<redacted>", value)
+        return _HF_TOKEN_VALUE.sub("<redacted>", portable_location(value) if os.path.isabs(value) else value)
     if value is None or isinstance(value, (bool, int, float)):
         return value
     return str(value)
@@ -498,9 +502,20 @@ def run(recipe: Recipe, accelerator: Accelerator) -> CommitInfo | None:
         metrics=card_metrics(report), plots=[str(p) for p in plots], base_model=hub_base if merged else None,
         datasets=[], tags=[name for name in dict.fromkeys(sources) if "/" not in name and "." not in name],
     )  # tags: corpus names, not paths or Hub ids
+    if "adapter" in artifacts:  # it applies to the Hub base, or to the model at this repo's root
+        _name_adapter_base(run_folders.upload / "adapter", hub_base or recipe.hub.repo_id)
     info = push_to_hub(run_folders.upload, recipe.hub)
     print(f"pushed {run_folders.upload} to {recipe.hub.repo_id}: {info} (pin revision={info.oid} for trust_remote_code loads)")
     return info
+
+
+def _name_adapter_base(adapter: Path, base: str) -> None:
+    """Point the uploaded copy of ``adapter_config.json`` at the base on the Hub, so that
+    ``AutoPeftModelForCausalLM.from_pretrained(repo, subfolder="adapter")`` finds it (the run's copy keeps its path)."""
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = base
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _model_folder(recipe: Recipe) -> tuple[Path, bool]:

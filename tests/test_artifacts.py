@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import RunArtifacts, base_model, tuned_model
+from pipeline.artifacts import RunArtifacts, base_model, portable_location, tuned_model
 from pipeline.recipe import recipe_from_dict
 
 
@@ -85,3 +85,12 @@ def test_every_stage_has_its_own_folder(tmp_path, data_file) -> None:
     assert run.adapter.parent == run.merged.parent == run.finetune and run.upload.parent == run.hub
     with pytest.raises(ValueError, match="unknown stage 'train'"):
         run.stage_folder("train")
+
+
+def test_portable_location_keeps_hub_ids_and_makes_local_paths_relative(tmp_path, monkeypatch) -> None:
+    (tmp_path / "runs" / "q" / "pretrain").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "runs")
+    assert portable_location("owner/model") == "owner/model"  # a Hub id is left as it is
+    assert portable_location(tmp_path / "runs" / "q" / "pretrain") == "q/pretrain"
+    assert portable_location(str(tmp_path / "elsewhere")) == "../elsewhere"  # relative even outside the directory
+    assert portable_location(tmp_path / "runs" / "q" / "pretrain", start=tmp_path) == "runs/q/pretrain"

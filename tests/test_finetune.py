@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -116,7 +117,16 @@ def test_lora_trains_only_the_adapter_and_adapter_and_merged_model_round_trip(tm
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert any("eval_bits_per_byte" in r for r in records) and (out / "loss_curve.png").is_file()
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(base_dir) and config["task_type"] == "CAUSAL_LM"
+    assert config["task_type"] == "CAUSAL_LM"
+    assert_names_base_portably(config["base_model_name_or_path"], base_dir)
+    card = (out / "adapter" / "README.md").read_text()
+    assert "More Information Needed" not in card  # not PEFT's template
+    assert not re.search(rf"(?<!\.\.){re.escape(str(tmp_path))}", card)  # only relative paths (../../tmp/...)
+    assert f"LoRA adapter for `{config['base_model_name_or_path']}`" in card and "for 4 optimizer steps" in card
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    assert f"{trainable:,} of {total:,}" in card
+    final = [r for r in records if "eval_loss" in r][-1]
+    assert f"loss {final['eval_loss']:.4f}" in card
 
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     expected = logits_of(peft_model, ids)
@@ -149,7 +159,13 @@ def test_default_base_is_the_pretrain_folder(tmp_path, base_dir, data_file) -> N
     shutil.copytree(base_dir, recipe.output_dir / "pretrain")
     finetune(recipe)
     config = json.loads((recipe.output_dir / "finetune" / "adapter" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(recipe.output_dir / "pretrain")
+    assert_names_base_portably(config["base_model_name_or_path"], recipe.output_dir / "pretrain")
+
+
+def assert_names_base_portably(named: str, base: Path) -> None:
+    """A relative path, from the working directory (where AutoPeftModel resolves it), to the base it was trained on."""
+    assert not Path(named).is_absolute(), named
+    assert (Path.cwd() / named).resolve() == base.resolve()
 
 
 def test_target_modules_that_match_nothing_fail_with_the_layer_names(tmp_path, base_dir, data_file) -> None:

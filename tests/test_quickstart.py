@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -173,6 +174,35 @@ def test_without_a_merge_the_upload_is_the_base_with_its_adapter(quickstart, tmp
     card = (upload / "README.md").read_text()
     assert 'PeftModel.from_pretrained(base, repo, subfolder="adapter"' in card
     assert "base = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True, revision=revision)" in card
+    # The adapter names its base portably: the run's copy by the path from where the run started, the pushed copy by
+    # the repo whose root holds that base; and the public card shows no absolute local path.
+    run_config = json.loads((out / "finetune" / "adapter" / "adapter_config.json").read_text())
+    assert run_config["base_model_name_or_path"] == "run/pretrain"  # the run started in out.parent
+    assert json.loads((upload / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == REPO
+    assert "output_dir: " in card and not re.search(rf"(?<!\.\.){re.escape(str(out))}", card)  # ../../tmp/... only
+    adapter_card = (out / "finetune" / "adapter" / "README.md").read_text()
+    assert "# LoRA adapter for `run/pretrain`" in adapter_card and "More Information Needed" not in adapter_card
+
+
+def test_the_readme_snippet_loads_without_the_package_and_never_prompts(quickstart, tmp_path: Path) -> None:
+    """The README's loading snippet, as written, in a process where `pipeline` cannot be imported: the lines meant
+    for that case must not stop at transformers' "[y/N]" remote-code prompt (AutoTokenizer reads config.json too)."""
+    _, env, out, _, _ = quickstart
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("Every artefact loads with plain transformers / peft:", 1)[1].split("```python\n", 1)[1]
+    snippet = snippet.split("```", 1)[0]
+    without = snippet.split("# where the package is not installed", 1)[1].split("\n", 1)[1]
+    assert "AutoTokenizer.from_pretrained" in without and "AutoModelForCausalLM.from_pretrained" in without
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(out)
+    script = ("import sys\nsys.modules['pipeline'] = None\n"
+              "from transformers import AutoModelForCausalLM, AutoTokenizer\nfrom peft import PeftModel\n" + without
+              + "\nprint('loaded', type(model).__name__, type(tokenizer).__name__)\n")
+    offline = env | {"HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-I", "-c", script], env=offline, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert "[y/N]" not in result.stdout + result.stderr, result.stdout[-2000:]
+    assert result.returncode == 0 and "loaded QuillForCausalLM" in result.stdout, result.stderr[-3000:]
 
 
 def test_evaluation_under_two_cpu_ranks_reports_what_one_process_reports(quickstart) -> None:
