@@ -358,6 +358,8 @@ def train(
             final_eval = evaluate_lm(forward, eval_loader, accelerator, byte_lengths, cfg.eval_batches)
             state.best_eval_loss = min(state.best_eval_loss, final_eval["eval_loss"])
             log.log({"step": state.step, **final_eval})
+            if accelerator.is_main_process:  # above the progress bar, which shows only the training loss
+                progress.write(_validation_line(state.step, final_eval))
         if save_now:
             guard.check_weights(model)  # a checkpoint never holds NaN/inf weights
             guard.last_checkpoint = save_checkpoint(accelerator, state, checkpoint_dir, cfg.keep_last)
@@ -366,7 +368,7 @@ def train(
     if accelerator.log_with:
         accelerator.end_training()
     if accelerator.is_main_process:
-        plot_loss_curve(output_dir / LOG_FILE, output_dir / "loss_curve.png")
+        plot_loss_curve(output_dir / LOG_FILE, output_dir / "loss_curve.png", title=f"{run_name}: loss per step")
     accelerator.wait_for_everyone()
     return TrainResult(model=model, state=state, history=_read_jsonl(output_dir / LOG_FILE), final_eval=final_eval)
 
@@ -577,7 +579,14 @@ def _peak_flops(accelerator: Accelerator) -> float:
     return peak * accelerator.num_processes
 
 
-def plot_loss_curve(log_path: Path, png_path: Path) -> Path | None:
+def _validation_line(step: int, metrics: dict[str, float]) -> str:
+    text = f"step {step}: validation loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_perplexity']:.2f}"
+    if "eval_bits_per_byte" in metrics:
+        text += f", bits per byte {metrics['eval_bits_per_byte']:.4f}"
+    return text
+
+
+def plot_loss_curve(log_path: Path, png_path: Path, title: str = "loss per step") -> Path | None:
     """Training loss (and validation loss where evaluated) against step."""
     records = _read_jsonl(log_path)
     # A skipped step's loss is null: left out of the curve.
@@ -596,6 +605,7 @@ def plot_loss_curve(log_path: Path, png_path: Path) -> Path | None:
         ax.plot(*zip(*eval_points), "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -100,7 +100,8 @@ def assert_base_untouched(peft_model, base_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- causal LM
-def test_lora_trains_only_the_adapter_and_adapter_and_merged_model_round_trip(tmp_path, base_dir, data_file) -> None:
+def test_lora_trains_only_the_adapter_and_adapter_and_merged_model_round_trip(tmp_path, base_dir, data_file,
+                                                                             capsys) -> None:
     recipe = make_recipe(tmp_path, base_dir, data_file, merge=True)
     accelerator, result = finetune(recipe)
     out = recipe.output_dir / "finetune"
@@ -125,8 +126,12 @@ def test_lora_trains_only_the_adapter_and_adapter_and_merged_model_round_trip(tm
     assert f"LoRA adapter for `{config['base_model_name_or_path']}`" in card and "for 4 optimizer steps" in card
     trainable, total = peft_model.get_nb_trainable_parameters()
     assert f"{trainable:,} of {total:,}" in card
-    final = [r for r in records if "eval_loss" in r][-1]
-    assert f"loss {final['eval_loss']:.4f}" in card
+    evaluations = [r for r in records if "eval_loss" in r]
+    assert f"loss {evaluations[-1]['eval_loss']:.4f}" in card
+    printed = capsys.readouterr().out  # every validation reaches the terminal, not only metrics.jsonl
+    for r in evaluations:
+        assert (f"step {r['step']}: validation loss {r['eval_loss']:.4f}, perplexity {r['eval_perplexity']:.2f}, "
+                f"bits per byte {r['eval_bits_per_byte']:.4f}") in printed
 
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     expected = logits_of(peft_model, ids)
