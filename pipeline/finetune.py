@@ -58,6 +58,7 @@ from pipeline.data import (
     load_splits,
     token_byte_lengths,
 )
+from pipeline.generation import split_delimiter
 from pipeline.loading import check_lora_targets, load_base, load_tokenizer, lora_config, merge_adapter
 from pipeline.recipe import Recipe
 from pipeline.training import TrainResult, save_trained, seed_everything, train
@@ -182,7 +183,8 @@ def instruction_examples(
     """Prompt → response rows as ``input_ids`` and ``labels`` (-100 on the prompt, response + EOS trained).
 
     ``prompt_template`` is a format string over the row's columns (``"ICD-10-CM code {code} means: "``); the
-    example is ``[bos] + prompt + response + [eos]``, exactly one BOS. With None, the tokenizer's chat template
+    example is ``[bos] + prompt + response + [eos]``, exactly one BOS; the prompt's trailing whitespace is encoded
+    with the response (`generation.split_delimiter`: " Cholera", not " " + "Cholera"). With None, the tokenizer's chat template
     renders ``text`` as the user turn and the response as the assistant turn, and its ``{% generation %}``
     mask picks the trained tokens. Examples are cut to ``max_length`` tokens; those left without any response
     token are dropped. A `ClassLabel` response column gives its names. Cached like the pretraining blocks.
@@ -198,7 +200,7 @@ def instruction_examples(
         max_length=max_length, names=feature.names if isinstance(feature, ClassLabel) else None,
     )
     settings = {"task": "instruction", "template": prompt_template, "response_column": response_column,
-                "max_length": max_length}
+                "max_length": max_length, "delimiter": "with the response"}
     examples = _cached_map(dataset, encode, tokenizer, settings, with_labels=datasets.Sequence(datasets.Value("int32")))
     if len(examples) == 0:
         raise ValueError(
@@ -235,8 +237,10 @@ def _encode_instruction(
                  for ids, mask in zip(chats["input_ids"], chats["assistant_masks"])]
     else:
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        prompts = tokenizer([template.format(**row) for row in rows], add_special_tokens=False)["input_ids"]
-        answers = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        split = [split_delimiter(template.format(**row)) for row in rows]  # "code " -> "code", " title"
+        prompts = tokenizer([prompt for prompt, _ in split], add_special_tokens=False)["input_ids"]
+        answers = tokenizer([delimiter + response for (_, delimiter), response in zip(split, responses)],
+                            add_special_tokens=False)["input_ids"]
         bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         pairs = []
         for prompt, answer in zip(prompts, answers):

@@ -30,6 +30,7 @@ __all__ = [
     "build_prompt",
     "chat_prompt",
     "few_shot_prompt",
+    "split_delimiter",
     "generate_across_processes",
     "generate_samples",
     "generation_kwargs",
@@ -67,7 +68,19 @@ def few_shot_prompt(
     if len(examples) < k:
         raise ValueError(f"few_shot_prompt needs {k} solved examples, got {len(examples)}")
     solved = [_format(template, example) + str(example[response_column]) for example in examples[:k]]
-    return EXAMPLE_SEPARATOR.join([*solved, _format(template, query)])
+    prompt, _ = split_delimiter(_format(template, query))  # the model writes the delimiter with its answer
+    return EXAMPLE_SEPARATOR.join([*solved, prompt])
+
+
+def split_delimiter(prompt: str) -> tuple[str, str]:
+    """``(prompt, delimiter)``: a rendered template's trailing whitespace, which belongs to the response.
+
+    Byte-level BPE splits a trailing space off as a lone token that running text almost never has (there the space
+    starts the next word's token: " Cholera"), so a prompt ending in one makes every answer start wrong. As
+    lm-evaluation-harness does with its ``target_delimiter``, the space goes in front of the response instead, both
+    in the training examples and in what the model is asked to continue."""
+    stripped = prompt.rstrip()
+    return stripped, prompt[len(stripped):]
 
 
 def _format(template: str, row: dict[str, Any]) -> str:

@@ -208,9 +208,15 @@ def test_instruction_examples_mask_the_prompt_and_train_response_and_eos(base_di
     data = Dataset.from_list(rows(6))
     examples = instruction_examples(data, tokenizer, prompt_template=TEMPLATE, response_column="title", max_length=64)
     assert len(examples) == 6
+    assert TEMPLATE.endswith(" ")
     for row, example in zip(data, examples):
-        prompt = tokenizer(TEMPLATE.format(**row), add_special_tokens=False)["input_ids"]
-        response = tokenizer(row["title"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        # The template's trailing space is encoded with the response, as in running text: " Cholera", not " ", "Cholera".
+        prompt = tokenizer(TEMPLATE.format(**row).rstrip(), add_special_tokens=False)["input_ids"]
+        response = tokenizer(" " + row["title"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert tokenizer.decode(prompt + response[:-1]) == TEMPLATE.format(**row) + row["title"]
+        assert tokenizer(TEMPLATE.format(**row), add_special_tokens=False)["input_ids"] != prompt  # a lone " " token
+        assert response[:-1] == tokenizer(TEMPLATE.format(**row) + row["title"], add_special_tokens=False)[
+            "input_ids"][len(prompt):]  # the very tokens of the whole text
         n_prompt = 1 + len(prompt)
         assert example["input_ids"] == [tokenizer.bos_token_id] + prompt + response  # exactly one BOS
         assert example["input_ids"].count(tokenizer.bos_token_id) == 1
@@ -229,7 +235,7 @@ def test_instruction_examples_mask_the_prompt_and_train_response_and_eos(base_di
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     terms = []
     for i, (row, example) in enumerate(zip(data, examples)):
-        n_prompt = 1 + len(tokenizer(TEMPLATE.format(**row), add_special_tokens=False)["input_ids"])
+        n_prompt = 1 + len(tokenizer(TEMPLATE.format(**row).rstrip(), add_special_tokens=False)["input_ids"])
         for t in range(n_prompt, len(example["input_ids"])):  # token t is predicted at position t - 1
             terms.append(-torch.log_softmax(logits[i, t - 1], -1)[example["input_ids"][t]])
     torch.testing.assert_close(loss, torch.stack(terms).mean())

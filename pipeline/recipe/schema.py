@@ -400,7 +400,7 @@ class FinetuneSection(Section):
     data: DataSection | None = None
     """Fine-tuning data (None: the top-level data section)."""
     prompt_template: Str | None = None
-    """Python format string over a row's columns. instruction: the training prompt (None: the chat template); causal_lm: the prompt of the generation evaluation (e.g. "{code} " -> title)."""
+    """Python format string over a row's columns. instruction: the training prompt (None: the chat template); causal_lm: the prompt of the generation evaluation (e.g. "{code} " -> title). Trailing whitespace is the delimiter and goes with the response (" title"), as lm-evaluation-harness's target_delimiter does: a byte-level tokenizer would make it a lone token that running text never has."""
     label_column: Name = "label"
     """Column with the class label (task classification)."""
     num_labels: Annotated[int, Field(ge=2), _INT] | None = None
