@@ -52,6 +52,7 @@ class TrainState:
     batch_size: int = 0
     gradient_accumulation_steps: int = 1
     skipped_steps: int = 0  # steps dropped for a non-finite loss or gradient norm (max_skipped_steps)
+    train_seconds: float = 0.0  # wall-clock seconds of the training loop so far, resumed runs included (max_time)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

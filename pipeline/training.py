@@ -31,6 +31,7 @@ from accelerate.utils import (
     DistributedType,
     GradientAccumulationPlugin,
     InitProcessGroupKwargs,
+    broadcast,
     broadcast_object_list,
     set_seed,
 )
@@ -130,6 +131,46 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+class TimeBudget:
+    """``max_time`` as a number of optimizer steps, re-estimated from the measured pace as training goes, so that the
+    schedule decays to the end of the time budget rather than of ``max_steps``; ``total_steps`` drops to the current
+    step once the time is spent. Every rank takes the main process's clock (broadcast), so all agree on the schedule
+    and on the last step: alone it checks every step, with several ranks every ``every``-th (a sync point anyway).
+    Without ``max_time`` it only keeps ``state.train_seconds``, and ``total_steps`` stays ``max_steps``."""
+
+    clock = staticmethod(time.perf_counter)  # seconds; tests put a fake clock here
+
+    def __init__(self, max_time: float | None, max_steps: int) -> None:
+        self.max_time, self.max_steps, self.total_steps = max_time, max_steps, max_steps
+
+    def begin(self, state: TrainState, accelerator: Accelerator, every: int) -> None:
+        """Start the clock, once a resumed state is loaded: its ``train_seconds`` count against the budget."""
+        self._state, self._accelerator = state, accelerator
+        self._every = 1 if accelerator.num_processes == 1 else every
+        self._clock, self._before, self._first_step = self.clock(), state.train_seconds, state.step
+        if self.max_time is not None and state.step > 0:  # resumed: the pace so far gives the first estimate
+            self._estimate(state.train_seconds, state.train_seconds / state.step)
+
+    def step_done(self) -> None:
+        """After each optimizer step: record the time spent, and re-estimate the total where it is due."""
+        step = self._state.step
+        self._state.train_seconds = self._before + self.clock() - self._clock
+        if self.max_time is None or step % self._every:
+            return
+        spent = self._state.train_seconds
+        if self._accelerator.num_processes > 1:
+            clock = torch.tensor([spent], dtype=torch.float64, device=self._accelerator.device)
+            spent = float(broadcast(clock, from_process=0).item())
+        self._estimate(spent, (spent - self._before) / max(step - self._first_step, 1))
+
+    def _estimate(self, spent: float, seconds_per_step: float) -> None:
+        step, remaining = self._state.step, self.max_time - spent
+        if remaining <= 0 or seconds_per_step <= 0:
+            self.total_steps = step
+            return
+        self.total_steps = min(self.max_steps, step + int(remaining / seconds_per_step))
 
 
 @dataclass
@@ -251,14 +292,14 @@ def train(
     `cfg.eval_every` steps and checkpointing every `cfg.save_every` steps under `output_dir/checkpoints`.
     `train_loader` yields dicts with `labels`; the caller builds the loaders, this function prepares them."""
     checkpoint_dir = output_dir / "checkpoints"
-    total_steps = _total_steps(cfg, train_loader, accelerator)
+    budget = TimeBudget(cfg.max_time, _total_steps(cfg, train_loader, accelerator))
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     optimizer = build_optimizer(model, cfg, accelerator.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_multiplier(
-            step, warmup_steps=cfg.warmup_steps, total_steps=total_steps, schedule=cfg.lr_scheduler,
+            step, warmup_steps=cfg.warmup_steps, total_steps=budget.total_steps, schedule=cfg.lr_scheduler,
             min_lr_ratio=cfg.min_lr_ratio,
         ),
     )
@@ -284,18 +325,19 @@ def train(
     log = MetricsLog(accelerator, output_dir / LOG_FILE, resume_step=state.step)
     if accelerator.log_with:
         accelerator.init_trackers(run_name, config=_plain_config(cfg))
-    _announce(accelerator, model, cfg, total_steps, train_loader)
+    _announce(accelerator, model, cfg, budget.total_steps, train_loader)
 
     window = cfg.gradient_accumulation_steps
     stream = _micro_batches(train_loader, accelerator, state)
-    progress = _progress_bar(accelerator, total_steps, state.step)
+    progress = _progress_bar(accelerator, budget.total_steps, state.step)
     flops_per_token = 0.0
     model.train()
     timer = time.perf_counter()
     tokens_since_log = 0
     final_eval: dict[str, float] = {}
     unsynced_targets = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    while state.step < total_steps:
+    budget.begin(state, accelerator, every=cfg.log_every)
+    while state.step < budget.total_steps:
         batches = [next(stream) for _ in range(window)]
         if not flops_per_token:
             flops_per_token = _flops_per_token(accelerator.unwrap_model(model), batches[0]["input_ids"].shape[-1])
@@ -327,7 +369,12 @@ def train(
         if not skipped and not accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips inf/NaN gradients
             scheduler.step()
         state.step += 1
+        budget.step_done()
+        total_steps = budget.total_steps  # max_steps, or what the time budget leaves
         unsynced_targets += global_targets
+        if progress.total != total_steps:
+            progress.total = total_steps
+            progress.refresh()
         progress.update(1)
         log_now = state.step % cfg.log_every == 0 or state.step == total_steps
         save_now = state.step % cfg.save_every == 0 or state.step == total_steps
@@ -343,7 +390,7 @@ def train(
             record = {
                 "step": state.step, "loss": step_loss, "lr": lr, "epoch": state.epoch,
                 "tokens_seen": state.tokens_seen, "tokens_per_second": tokens_since_log / max(elapsed, 1e-9),
-                "skipped_steps": state.skipped_steps,
+                "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds,
             }
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
@@ -546,9 +593,10 @@ def _announce(accelerator: Accelerator, model: torch.nn.Module, cfg: Any, total_
     first = next(iter(loader.dataset)) if hasattr(loader, "dataset") else None
     length = len(first["input_ids"]) if isinstance(first, dict) and "input_ids" in first else None
     tokens = f"{cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes * length:,}" if length else "?"
+    budget = f", or {cfg.max_time:g} s of training, whichever comes first" if cfg.max_time else ""
     accelerator.print(
         f"parameters: {total:,} ({trainable:,} trainable) | processes: {accelerator.num_processes} | "
-        f"tokens per step: {tokens} | steps: {total_steps} | mixed precision: {accelerator.mixed_precision}"
+        f"tokens per step: {tokens} | steps: {total_steps}{budget} | mixed precision: {accelerator.mixed_precision}"
     )
 
 

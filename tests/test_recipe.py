@@ -372,6 +372,8 @@ def test_section_hash_tracks_relevant_fields_only(workdir):
     chatty = _load(MINIMAL + "pretrain: {log_every: 1, eval_every: 5, trackers: [jsonl, tensorboard]}\n")
     assert section_hash(base, "pretrain") == section_hash(chatty, "pretrain")
     assert section_hash(base, "pretrain") != section_hash(_load(MINIMAL + "pretrain: {max_steps: 500}\n"), "pretrain")
+    # max_time is hashed once set (a budget changes the model), and leaves the hashes of runs without it as they were.
+    assert section_hash(base, "pretrain") != section_hash(_load(MINIMAL + "pretrain: {max_time: 300}\n"), "pretrain")
     # The tokenizer trains on data.sources by default, so its hash follows them.
     other_data = _load("output_dir: out\ndata: {sources: [{name: icd10cm}]}\n")
     assert section_hash(base, "tokenizer") != section_hash(other_data, "tokenizer")

@@ -79,6 +79,36 @@ def test_resume_after_a_stop_ends_exactly_like_an_uninterrupted_run(tmp_path: Pa
     assert [r["lr"] for r in logged] == full["lrs"]
 
 
+def test_max_time_ends_on_the_budget_and_the_schedule_decays_to_its_end(tmp_path: Path) -> None:
+    """A fake clock (one second per step) makes the budget's decisions exact: 12 s is 12 steps of the 40 allowed."""
+    timed, w_timed = run_in_process(tmp_path / "timed", max_steps=40, max_time=12, fake_clock=True)
+    logged = [json.loads(line) for line in (tmp_path / "timed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 13))
+    assert [r["train_seconds"] for r in logged] == [float(step) for step in range(1, 13)]
+
+    def schedule(total: int) -> list[float]:
+        return [3e-3 * lr_multiplier(k, warmup_steps=2, total_steps=total, schedule="cosine", min_lr_ratio=0.1)
+                for k in range(12)]
+
+    assert timed["lrs"] == pytest.approx(schedule(12), rel=1e-12)  # decayed to the end of the budget ...
+    assert timed["lrs"][-1] < 0.5 * schedule(40)[-1]  # ... not of max_steps, which it would still be far from
+    untimed, _ = run_in_process(tmp_path / "untimed", max_steps=40, fake_clock=True)
+    assert len(untimed["lrs"]) == 40 and untimed["lrs"] == pytest.approx(schedule(40) + untimed["lrs"][12:])
+
+    # A resumed run spends what is left of the same budget, and ends exactly like the uninterrupted one.
+    stopped = tmp_path / "stopped"
+    run_in_process(stopped, max_steps=40, max_time=12, fake_clock=True, save_every=4, keep_last=5)
+    for checkpoint in list_checkpoints(stopped / "checkpoints")[1:]:
+        shutil.rmtree(checkpoint)
+    assert json.loads((stopped / "checkpoints" / "checkpoint-00000004" / "train_state.json").read_text())[
+        "train_seconds"] == 4.0
+    resumed, w_resumed = run_in_process(stopped, max_steps=40, max_time=12, fake_clock=True, save_every=4,
+                                        resume="auto")
+    assert len(resumed["seen"]) <= 9 * 4  # it resumed: steps 5..12 drew data (plus one batch of look-ahead)
+    assert resumed["losses"] == timed["losses"] and resumed["lrs"] == timed["lrs"]
+    assert_same_weights(w_resumed, w_timed, rtol=0, atol=0)
+
+
 def test_resume_after_sigkill_in_a_subprocess(tmp_path: Path) -> None:
     full, w_full = run_in_process(tmp_path / "full", max_steps=7, dropout=0.1)
     out = tmp_path / "killed"

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.models.quill import QuillConfig, QuillForCausalLM
 from pipeline.recipe import TrainSection
-from pipeline.training import build_accelerator, seed_everything, train
+from pipeline.training import TimeBudget, build_accelerator, seed_everything, train
 
 VOCAB, LENGTH, N_SAMPLES = 61, 16, 96
 
@@ -51,8 +51,10 @@ def run(options: dict) -> dict:
         on_damaged_checkpoint=options.get("on_damaged_checkpoint", "previous"),
         eval_every=1000, log_every=1, save_every=options.get("save_every", 1000), keep_last=options.get("keep_last", 2),
         resume=options.get("resume", "never"), trackers=options.get("trackers", ["jsonl"]),
-        mixed_precision=options.get("mixed_precision", "no"),
+        mixed_precision=options.get("mixed_precision", "no"), max_time=options.get("max_time"),
     )
+    readings = iter(range(1, 1_000_000))  # fake_clock: one second per reading, whatever the machine's speed
+    clock = staticmethod(lambda: float(next(readings))) if options.get("fake_clock") else TimeBudget.clock
     seed_everything(options.get("seed", 0))
     accelerator = build_accelerator(cfg, out, expected_processes=options.get("expected_processes"))
     seen: list[int] = []
@@ -71,7 +73,11 @@ def run(options: dict) -> dict:
 
     net = model(options.get("dropout", 0.0))
     _inject_faults(net, options, cfg.gradient_accumulation_steps)
-    result = train(net, loader, None, cfg, out, accelerator, on_log=on_log)
+    real_clock, TimeBudget.clock = TimeBudget.clock, clock
+    try:
+        result = train(net, loader, None, cfg, out, accelerator, on_log=on_log)
+    finally:
+        TimeBudget.clock = real_clock
     weights = accelerator.unwrap_model(accelerator._models[0]).state_dict()
     report = {"rank": accelerator.process_index, "world": accelerator.num_processes, "seen": seen,
               "losses": [r["loss"] for r in result.history if "loss" in r],

@@ -619,7 +619,7 @@ def _to_plain(value: Any, *, for_hash: bool, secrets: bool) -> Any:
         fields = sorted(type(value).model_fields.items(), key=lambda item: item[0] != "enabled")  # the switch first
         for name, field in fields:
             meta = next((m for m in field.metadata if isinstance(m, Meta)), Meta())
-            if for_hash and not meta.hash:
+            if for_hash and (not meta.hash or (meta.hash_when_set and getattr(value, name) is None)):
                 continue
             hidden = meta.secret and not secrets
             out[name] = None if hidden else _to_plain(getattr(value, name), for_hash=for_hash, secrets=secrets)

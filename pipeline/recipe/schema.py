@@ -36,6 +36,7 @@ class Meta:
     """Recipe-only field metadata (an ``Annotated`` marker; pydantic keeps it in ``FieldInfo.metadata``)."""
 
     hash: bool = True  # False: cannot change what a stage produces, so `section_hash` leaves it out (no rerun)
+    hash_when_set: bool = False  # a later addition: hashed only when not None, so finished stages stay current
     secret: bool = False  # left out of `recipe_to_dict` (and so of dumped recipes) unless asked for
     fix: str = ""  # the advice given when the value is out of range
 
@@ -303,6 +304,8 @@ class TrainSection(Section):
     """Optimizer steps to train for."""
     num_epochs: Count | None = None
     """Also stop after this many passes over the data, whichever comes first (None: max_steps alone)."""
+    max_time: Annotated[Positive | None, Meta(hash_when_set=True, fix="give seconds, e.g. 300 for five minutes")] = None
+    """Also stop after this many seconds of the training loop (evaluations and checkpoints included, resumed runs counted together), whichever comes first; the learning-rate schedule then decays to the end of this budget, re-estimated from the measured pace, instead of to max_steps (None: no time limit)."""
     batch_size: Count = 8
     """Sequences per device per micro-batch."""
     gradient_accumulation_steps: Count = 1
