@@ -411,6 +411,10 @@ def train(
             guard.check_weights(model)  # a checkpoint never holds NaN/inf weights
             guard.last_checkpoint = save_checkpoint(accelerator, state, checkpoint_dir, cfg.keep_last)
     progress.close()
+    if cfg.max_time is not None and state.step < cfg.warmup_steps:
+        accelerator.print(f"warning: the time budget (max_time {cfg.max_time:g} s) ended at step {state.step}, inside "
+                          f"the {cfg.warmup_steps} warmup steps: the learning rate never reached its peak. Fix: lower "
+                          "warmup_steps (e.g. a tenth of the steps the budget allows).")
     guard.check_weights(model)  # nor does the model handed back for saving (a resumed, finished run included)
     if accelerator.log_with:
         accelerator.end_training()
