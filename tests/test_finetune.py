@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline.data import IGNORE_INDEX, collate
 from pipeline import finetune as finetune_stage
-from pipeline.finetune import classification_examples, instruction_examples, lora_config
+from pipeline.examples import classification_examples, instruction_examples
+from pipeline.finetune import lora_config
 from pipeline.loading import load_base
 from pipeline.models.quill import QuillConfig, QuillForCausalLM
 from pipeline.recipe import LoraSection, dump_recipe, load_recipe, recipe_from_dict
