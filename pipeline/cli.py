@@ -1,5 +1,5 @@
 """Command line: `pipeline run RECIPE [--stages ...] [--dry-run] [KEY.SUB=VALUE ...]`, `schema`, `inspect`, and
-what comes after training: `generate`, `chat`, `serve`, `merge`, `export`.
+what comes after training: `generate`, `chat`, `serve`, `merge`, `export`, `eval`.
 
 The same command runs on many processes: `accelerate launch [--config_file ...] -m pipeline run RECIPE`.
 
@@ -29,7 +29,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # argparse stops taking positionals; whatever else is left over is an error as usual.
     args, extra = parser.parse_known_args(argv)
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]
-    if args.command == "run" and overrides:
+    if args.command in ("run", "data") and overrides:
         args.overrides = [*args.overrides, *overrides]
         extra = [item for item in extra if item not in overrides]
     if extra:
@@ -45,12 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run(commands)
     _add_schema(commands)
+    _add_recipes(commands)
+    _add_data(commands)
     _add_inspect(commands)
     _add_generate(commands)
     _add_chat(commands)
     _add_serve(commands)
     _add_merge(commands)
     _add_export(commands)
+    _add_eval(commands)
     return parser
 
 
@@ -150,36 +153,191 @@ def _schema(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ recipes, data
+def _add_recipes(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "recipes", help="list the shipped recipes and launch configs; show or copy one",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pipeline recipes                                  # each one's name and purpose\n"
+               "  pipeline recipes show quickstart\n"
+               "  pipeline recipes copy quickstart my-recipe.yaml   # then: pipeline run my-recipe.yaml --dry-run\n"
+               "  pipeline recipes copy accelerate/fsdp configs/\n\n"
+               "A copy never overwrites a file; a recipe gets recipe.schema.json beside it (its editor line names it).",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    actions = parser.add_subparsers(dest="action", metavar="{show,copy}")
+    show = actions.add_parser("show", help="print a shipped recipe or launch config",
+                              epilog="example: pipeline recipes show medical-lora")
+    copy = actions.add_parser("copy", help="copy one to a file or folder (never overwrites)",
+                              epilog="example: pipeline recipes copy quickstart recipes-of-mine/")
+    for action in (show, copy):
+        action.add_argument("name", help="a name from `pipeline recipes`, e.g. quickstart or accelerate/fsdp")
+        action.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
+    copy.add_argument("dest", help="a file (.yaml added when it has no suffix), or a folder (existing, or ending in /)")
+    parser.set_defaults(handler=_recipes)
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from pipeline.starters import (
+        copy_note,
+        copy_starter,
+        find_starter,
+        listing,
+        starters,
+    )
+
+    def described(starter) -> dict:
+        return {"name": starter.name, "kind": starter.kind, "purpose": starter.purpose, "file": starter.file}
+
+    try:
+        if args.action is None:
+            found = starters()
+            print(json.dumps([described(s) for s in found], indent=2) if args.json else listing(found))
+            return 0
+        starter = find_starter(args.name)
+        if args.action == "show":
+            if args.json:
+                print(json.dumps({**described(starter), "text": starter.text()}, indent=2))
+            else:
+                sys.stdout.write(starter.text())
+            return 0
+        written = copy_starter(args.name, args.dest)
+    except (LookupError, OSError) as error:
+        return _report(error, code=2)
+    if args.json:
+        print(json.dumps({"name": starter.name, "written": [str(path) for path in written]}, indent=2))
+    else:
+        print("\n".join(f"wrote {path}" for path in written) + "\n" + copy_note(starter, written[0]))
+    return 0
+
+
+def _add_data(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "data", help="a recipe's training data as the model sees it: blocks decoded, document boundaries, the "
+                     "tokens left out of the loss, counts",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pipeline data recipes/quickstart.yaml                   # every training stage, 3 blocks each\n"
+               "  pipeline data recipes/quickstart.yaml --stage finetune --split validation --blocks 1\n"
+               "  pipeline data recipes/quickstart.yaml data.block_size=64 data.document_masking=true\n"
+               "  pipeline data recipes/quickstart.yaml --stage pretrain --blocks 0 --json   # counts only\n\n"
+               "It uses the tokenizer the stage will load (the run's tokenizer/, the base model's for fine-tuning):\n"
+               "before the first run, `pipeline run RECIPE --stages tokenizer` (seconds). Nothing is written into\n"
+               "the run folder; the blocks are cached where the stage looks for them.",
+    )
+    parser.add_argument("recipe", help="path to the recipe YAML")
+    parser.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="override recipe values, as for run")
+    parser.add_argument("--stage", choices=["pretrain", "finetune"],
+                        help="one training stage (default: each one the recipe runs)")
+    parser.add_argument("--split", choices=["train", "validation"], default="train",
+                        help="the split the blocks come from (%(default)s); the counts cover both")
+    parser.add_argument("--blocks", type=_non_negative, default=3, help="blocks or examples per stage (%(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON: counts, settings and per block ids, tokens, labels, mask, document ids")
+    parser.set_defaults(handler=_data)
+
+
+def _data(args: argparse.Namespace) -> int:
+    from pipeline.recipe import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as error:
+        return _recipe_refused(error)
+    try:
+        from pipeline import runner
+        from pipeline.preview import check_stage, default_stages, preview_stage, render
+
+        stages = [args.stage] if args.stage else default_stages(recipe)
+        for stage in stages:  # every refusal before any data is loaded
+            check_stage(recipe, stage)
+        previews = [preview_stage(recipe, stage, split=args.split, blocks=args.blocks,
+                                  tokenizer_staleness=lambda r: runner.freshness(r, "tokenizer").stale,
+                                  recipe_file=args.recipe) for stage in stages]
+    except (ValueError, OSError) as error:
+        return _report(error, code=2)
+    if args.json:
+        print(json.dumps({"recipe": args.recipe, "stages": [p.to_dict() for p in previews]}, indent=2))
+    else:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        print("\n".join(render(p, color=color) for p in previews), end="")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ inspect
 def _add_inspect(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
-        "inspect", help="look inside a model: tokens, params, similar, positions, attention, next, decode"
+        "inspect", help="look inside a model: tokens, params, similar, analogy, similarity, context, positions, "
+                        "attention, next, decode",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pipeline inspect similarity runs/quickstart/pretrain \"I am no good\" \"No, I am good!\" --bag-of-words\n"
+               "  pipeline inspect context runs/quickstart/pretrain bank \"the bank of the river\" \"money in the bank\"\n"
+               "  pipeline inspect attention runs/quickstart/pretrain \"ROMEO: O\" --png attention.png\n"
+               "Each view takes any causal LM folder (a Quill, a Llama saved by transformers), --adapter, --json.",
     )
     sub = parser.add_subparsers(dest="what", required=True)
 
-    def command(name: str, help_: str, text: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("model", help="a model folder saved by the pipeline (or a Hub id)")
-        if text:
-            p.add_argument("text")
+    def command(name: str, help_: str, example: str, *positionals: tuple[str, dict], note: str = ""
+                ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"example:\n  pipeline inspect {name} {example}" + (f"\n{note}" if note else ""))
+        p.add_argument("model", help="a model folder (a run's pretrain/ or finetune/merged/, any saved causal LM) or a "
+                                     "Hub id")
+        for dest, options in positionals:
+            p.add_argument(dest, **options)
+        if name != "tokens":
+            p.add_argument("--adapter", type=Path, help="a PEFT adapter folder to attach to MODEL (finetune/adapter)")
+        p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
         p.set_defaults(handler=_inspect)
         return p
 
-    command("tokens", "split text into subwords and ids")
-    command("params", "parameter counts per component", text=False)
-    p = command("similar", "nearest tokens in embedding space")
+    quick = "runs/quickstart/pretrain"
+    text = ("text", {"help": "the text (one quoted argument)"})
+    command("tokens", "split text into subwords and ids", f"{quick} \"To be, or not to be\"", text)
+    command("params", "parameter counts per component (with --adapter: the LoRA adapter's own bucket)",
+            f"{quick} --adapter runs/quickstart/finetune/adapter")
+    p = command("similar", "nearest tokens in the input embedding space", f"{quick} \" king\" --metric cosine",
+                ("text", {"help": "one token (a word inside a sentence keeps its leading space: \" king\")"}))
     p.add_argument("--metric", choices=["cosine", "dot"], default="cosine")
     p.add_argument("--top", type=_positive, default=10)
-    p = command("positions", "the positional encoding as a heat map", text=False)
+    p = command("analogy", "A is to B as C is to ?: the tokens nearest (cosine) to B - A + C",
+                f"{quick} \" king\" \" queen\" \" man\"   # queen - king + man",
+                *[(x, {"metavar": x.upper(), "help": f"word {x.upper()}: one token (see `inspect tokens`)"})
+                  for x in "abc"])
+    p.add_argument("--top", type=_positive, default=10)
+    p = command("similarity", "sentence embeddings: pairwise cosine and dot product of pooled hidden states",
+                f"{quick} \"I am no good\" \"No, I am good!\" --bag-of-words --png similarity.png",
+                ("texts", {"nargs": "+", "metavar": "TEXT", "help": "two or more texts to compare"}))
+    p.add_argument("--pooling", choices=["mean", "last", "first"], default="mean",
+                   help="mean: average of the text's token states (default); last: its last token's, the only one a "
+                        "causal LM has let read the whole text; first: its first token's ([CLS]-style; in a causal "
+                        "LM it has seen only itself)")
+    p.add_argument("--bag-of-words", action="store_true",
+                   help="also the same matrices from summed input embeddings, where word order cannot matter")
+    p.add_argument("--png", type=Path, help="also draw the matrices as heat maps into this file")
+    p = command("context", "one word's vector at every layer in several sentences, and their similarity per layer",
+                f"{quick} bank \"the bank of the river\" \"money in the bank\"",
+                ("word", {"help": "the word to follow (its first occurrence; the mean over its tokens)"}),
+                ("sentences", {"nargs": "+", "metavar": "SENTENCE", "help": "two or more sentences that contain it"}),
+                note="A causal LM's vector of a word has read only what precedes it: put the telling words first\n"
+                     "(\"the river flowed past the bank\"). Layer 0 is the input embedding: with RoPE, equal in\n"
+                     "every sentence.")
+    p.add_argument("--png", type=Path, default=Path("context.png"), help="line plot (%(default)s)")
+    p = command("positions", "the positional encoding as a heat map", f"{quick} --length 128 --png positions.png")
     p.add_argument("--length", type=_positive, default=64)
-    p.add_argument("--png", type=Path, default=Path("positions.png"))
-    p = command("attention", "attention maps of one layer, all heads")
-    p.add_argument("--layer", type=_non_negative, default=0)
-    p.add_argument("--png", type=Path, default=Path("attention.png"))
-    p = command("next", "softmax over the vocabulary for the next token")
+    p.add_argument("--png", type=Path, default=Path("positions.png"), help="(%(default)s)")
+    p = command("attention", "attention maps of every layer and head in one grid (or one, zoomed)",
+                f"{quick} \"ROMEO: O, she doth teach the torches\" --layer 2 --head 1", text)
+    p.add_argument("--layer", type=_non_negative, default=None, help="only this layer")
+    p.add_argument("--head", type=_non_negative, default=None, help="only this head (with --layer: one large map)")
+    p.add_argument("--top", type=_positive, default=3, help="keys listed per head (%(default)s)")
+    p.add_argument("--png", type=Path, default=Path("attention.png"), help="(%(default)s)")
+    p = command("next", "softmax over the vocabulary for the next token", f"{quick} \"ROMEO:\" --temperature 0.8", text)
     p.add_argument("--top", type=_positive, default=10)
     p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="0 means greedy: all mass on the argmax")
-    p = command("decode", "greedy / temperature / top-k / top-p side by side")
+    p = command("decode", "greedy / temperature / top-k / top-p side by side", f"{quick} \"ROMEO:\"", text)
     p.add_argument("--max-new-tokens", type=_positive, default=30)
 
 
@@ -431,6 +589,100 @@ def _export(args: argparse.Namespace) -> int:
     except (ValueError, OSError, ImportError) as error:
         return _report(error)
     print(written)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ eval
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "eval", help="measure any model: perplexity and bits per byte on any text, lm-evaluation-harness tasks",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pipeline eval runs/quickstart/pretrain --source shakespeare --max-documents 100\n"
+               "  pipeline eval runs/quickstart/pretrain --adapter runs/quickstart/finetune/adapter \\\n"
+               "      --recipe recipes/quickstart.yaml --out eval-tuned/   # the run's held-out sets\n"
+               "  pipeline eval llama/ --source notes.jsonl --text-column body --json\n"
+               "  pipeline eval MODEL --source docs.jsonl --lm-eval my_task --lm-eval-include tasks/\n\n"
+               "Bits per byte is lm-eval's: a loglikelihood_rolling task over the same documents gives the same\n"
+               "figure (lm-eval runs on the loaded model with max_length = block size - 1, add_bos_token=False).\n"
+               "lm-eval's own tasks download their data from the Hub; offline, use local task YAMLs.\n"
+               "--lm-eval needs lm-evaluation-harness: pip install 'pipeline[clients]'.",
+    )
+    _add_model(parser)
+    data = parser.add_argument_group("text to score (each --source is a set; --recipe adds general and domain)")
+    data.add_argument("--source", action="append", default=[], metavar="NAME",
+                      help="a corpus (shakespeare, icd10cm), a file, folder or glob, or a Hub dataset owner/name "
+                           "(repeatable): the `name` of a recipe's source")
+    data.add_argument("--text-column", default="text", help="the column holding the text (%(default)s)")
+    data.add_argument("--split", default="train", help="the split to read, e.g. test or train[:10%%] (%(default)s)")
+    data.add_argument("--subset", help="a Hub dataset's config name")
+    data.add_argument("--sample-by", choices=["paragraph", "document", "line"], default="paragraph",
+                      help=".txt files: one document per (%(default)s)")
+    data.add_argument("--max-documents", type=_positive,
+                      help="documents per set at most (a --source: the first N, N evenly spaced for a corpus; "
+                           "--recipe: instead of evaluate.max_documents)")
+    data.add_argument("--recipe", type=Path,
+                      help="also score the held-out documents this recipe's evaluate stage scores")
+    lm_eval = parser.add_argument_group("lm-evaluation-harness")
+    lm_eval.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-eval tasks, groups or patterns")
+    lm_eval.add_argument("--lm-eval-include", type=Path, metavar="DIR", help="a folder of local task YAML files")
+    lm_eval.add_argument("--num-fewshot", type=_non_negative, help="few-shot examples (default: each task's own)")
+    lm_eval.add_argument("--limit", type=_limit, help="documents per task: a count, or a fraction in (0, 1)")
+    lm_eval.add_argument("--lm-eval-tokenizer-bos", action="store_true",
+                         help="let the tokenizer add BOS, as stock lm-eval does (default add_bos_token=False: "
+                              "rolling tasks then score exactly the text's tokens)")
+    parser.add_argument("--block-size", type=_positive,
+                        help="tokens per scoring window (default: a recipe set's own, else the model's positions)")
+    parser.add_argument("--batch-size", type=_positive,
+                        help="windows per batch (default: the recipe's evaluate.batch_size, else 8)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: cuda when torch sees one, else cpu (%(default)s)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="(%(default)s)")
+    parser.add_argument("--out", type=Path, help="write report.json and report.md into this new folder")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=_eval)
+
+
+def _limit(text: str) -> int | float:
+    value = float(_number(text, float, 0, "a count >= 1 or a fraction in (0, 1)"))
+    if value >= 1 and value.is_integer():
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text!r} is not a count >= 1 or a fraction in (0, 1)")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pipeline.recipe import RecipeError
+
+    try:
+        if args.out is not None:
+            _refuse_non_empty(args.out)
+        from pipeline.assess import LmEval, assess
+        from pipeline.report import model_tables, write_model_report
+        from pipeline.sources import SourceSpec
+
+        sources = [SourceSpec(name=name, split=args.split, text_column=args.text_column, subset=args.subset,
+                              sample_by=args.sample_by) for name in args.source]
+        lm_eval = None if args.lm_eval is None else LmEval(
+            tasks=tuple(task.strip() for task in args.lm_eval.split(",")), include=args.lm_eval_include,
+            num_fewshot=args.num_fewshot, limit=args.limit, tokenizer_bos=args.lm_eval_tokenizer_bos)
+        report = assess(args.model, adapter=args.adapter, sources=sources, recipe=args.recipe, lm_eval=lm_eval,
+                        block_size=args.block_size, batch_size=args.batch_size, max_documents=args.max_documents,
+                        device=args.device, dtype=args.dtype)
+    except RecipeError as error:
+        return _recipe_refused(error)
+    except (ValueError, OSError, ImportError) as error:
+        return _report(error)
+    if args.out is not None:
+        write_model_report(report, args.out)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(model_tables(report), end="")
+        if args.out is not None:
+            print(f"report: {args.out / 'report.md'}")
     return 0
 
 

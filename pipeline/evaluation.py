@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -48,16 +48,23 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.artifacts import RunArtifacts, TunedModel, base_model, tuned_model
 from pipeline.data import collate, held_out_sections, load_splits
-from pipeline.generation import FEW_SHOT_POOL, build_prompt, generate_across_processes, score_generations
+from pipeline.generation import (
+    FEW_SHOT_POOL,
+    beside_greedy,
+    build_prompt,
+    describe_decoding,
+    generate_across_processes,
+    score_generations,
+)
 from pipeline.loading import load_base, load_tokenizer, load_tuned
 from pipeline.metrics import load_metric
 from pipeline.recipe import Recipe, SourceSection, recipe_to_dict
 from pipeline.report import LM_METRICS, MODELS, write_report
-from pipeline.scoring import document_loader, score_batches
+from pipeline.scoring import language_model_metrics
 from pipeline.sources import evenly_spaced, load_source
 from pipeline.training import seed_everything
 
-__all__ = ["NAME", "language_model_metrics", "measure_pair", "run"]
+__all__ = ["NAME", "measure_pair", "run"]
 
 NAME = "evaluate"
 PREVIEW_ROWS = 5  # generation-task rows shown with their predictions in the report
@@ -286,59 +293,6 @@ def _check_row_columns(dataset: Dataset, columns: list[str]) -> None:
 # ------------------------------------------------------------------------------------------ measure
 
 
-def language_model_metrics(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    texts_dataset: Dataset | Sequence[str],
-    *,
-    block_size: int,
-    batch_size: int,
-    accelerator: Accelerator,
-    max_documents: int | None = None,
-) -> dict[str, float]:
-    """Perplexity and bits per byte of ``model`` on the documents of ``texts_dataset`` (a ``text`` column or strings),
-    as `pipeline.scoring` defines them.
-
-    Each document is scored on its own as ``[bos] + tokens + [eos]``, in windows of ``block_size`` tokens
-    overlapping by one, so each target is predicted exactly once (`pipeline.scoring.document_loader`). Perplexity
-    and ``loss`` are per target token and include the closing EOS (the model must learn to stop). Bits per byte is
-    the standard one (as lm-evaluation-harness computes it): the NLL in bits of the text's own tokens, over the
-    UTF-8 bytes of the texts; the EOS stands for no byte of the text and is left out of it.
-
-    ``model`` must be on ``accelerator.device``. Windows are split over the processes by the prepared loader and
-    gathered with ``gather_for_metrics``. At most ``max_documents`` documents, evenly spaced, are scored.
-    Returns ``perplexity``, ``bits_per_byte``, ``loss`` (nats per target token), ``tokens`` (targets scored),
-    ``documents`` and ``bytes``.
-    """
-    texts = _texts(texts_dataset, max_documents)
-    loader = accelerator.prepare(document_loader(tokenizer, texts, block_size, batch_size))
-    model.eval()
-    n_bytes = sum(len(text.encode("utf-8")) for text in texts)
-    # Over the texts' own bytes, which any tokenizer has (token byte lengths need byte-level BPE).
-    totals = replace(score_batches(model, loader, accelerator), bytes=n_bytes)
-    return {
-        "perplexity": totals.perplexity,
-        "bits_per_byte": totals.bits_per_byte,
-        "loss": totals.loss,
-        "tokens": totals.targets,
-        "documents": len(texts),
-        "bytes": n_bytes,
-    }
-
-
-def _texts(texts_dataset: Dataset | Sequence[str], max_documents: int | None) -> list[str]:
-    if isinstance(texts_dataset, Dataset):
-        if "text" not in texts_dataset.column_names:
-            raise ValueError(f"the dataset has no 'text' column (columns: {texts_dataset.column_names})")
-        texts_dataset = evenly_spaced(texts_dataset, max_documents)["text"]
-    else:
-        texts_dataset = evenly_spaced(texts_dataset, max_documents)
-    texts = [text for text in texts_dataset if text]
-    if not texts:
-        raise ValueError("no text to score: every document is empty")
-    return texts
-
-
 def measure_pair(
     base: str,
     tuned: Path | None,
@@ -389,6 +343,9 @@ def _measure_causal_lm(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBas
         accelerator.print(f"[evaluate] {label}: generation {measured['generation']}")
     if section.generation.prompts:
         measured["samples"] = generate(section.generation.prompts)
+        if (sampled := beside_greedy(section.generation)) is not None:
+            measured["sampled"] = generate_across_processes(model, tokenizer, section.generation.prompts, sampled,
+                                                            accelerator, seed=recipe.seed, batch_size=section.batch_size)
     return measured
 
 
@@ -439,8 +396,15 @@ def _assemble(plan: _Plan, data: _Data, results: dict[str, dict[str, Any]]) -> d
         entry = _compared({m: results[m]["classification"] for m in models}, relative=False)
         entry.update(rows=len(data.texts), num_labels=plan.num_labels)
         report["tasks"]["classification"] = entry
-    for i, prompt in enumerate(recipe.evaluate.generation.prompts):
-        report["samples"].append({"prompt": prompt, **{m: results[m]["samples"][i]["completions"] for m in models}})
+    gen = recipe.evaluate.generation
+    sampled = beside_greedy(gen)
+    for i, prompt in enumerate(gen.prompts):
+        sample = {"prompt": prompt, "decoding": describe_decoding(gen),
+                  **{m: results[m]["samples"][i]["completions"] for m in models}}
+        if sampled is not None:
+            sample["sampled"] = {"decoding": describe_decoding(sampled),
+                                 **{m: results[m]["sampled"][i]["completions"] for m in models}}
+        report["samples"].append(sample)
     report["settings"] = {
         "base_model": plan.base,
         "tuned_model": str(plan.tuned.head or plan.tuned.causal_lm) if "tuned" in models else None,

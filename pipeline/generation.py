@@ -29,6 +29,8 @@ __all__ = [
     "FEW_SHOT_POOL",
     "build_prompt",
     "chat_prompt",
+    "beside_greedy",
+    "describe_decoding",
     "few_shot_prompt",
     "split_delimiter",
     "generate_across_processes",
@@ -120,6 +122,23 @@ def generation_kwargs(gen: GenerationSection, tokenizer: PreTrainedTokenizerBase
     if gen.do_sample:
         kwargs.update(temperature=gen.temperature, top_k=gen.top_k or 0, top_p=gen.top_p or 1.0)
     return kwargs
+
+
+SAMPLED = {"do_sample": True, "temperature": 0.8, "top_k": 50, "top_p": None}
+"""The sampled continuation the report shows beside a greedy one: greedy decoding of a small model tends to loop,
+and one sample shows what the model's distribution holds."""
+
+
+def beside_greedy(gen: GenerationSection) -> GenerationSection | None:
+    """The recipe's decoding turned into `SAMPLED` (one sequence), or None when the recipe already samples."""
+    return None if gen.do_sample else gen.model_copy(update={**SAMPLED, "num_return_sequences": 1})
+
+
+def describe_decoding(gen: GenerationSection) -> str:
+    if not gen.do_sample:
+        return "greedy"
+    parts = [f"temperature {gen.temperature:g}"] + ([f"top-k {gen.top_k}"] if gen.top_k else [])
+    return "sampled, " + ", ".join(parts + ([f"top-p {gen.top_p:g}"] if gen.top_p else []))
 
 
 def generate_samples(

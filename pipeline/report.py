@@ -1,9 +1,10 @@
 """The evaluation report on disk: ``report.json`` as the evaluation stage assembled it, ``report.md`` (a verdict,
-then tables) and bar charts of base vs tuned.
+then tables) and bar charts of base vs tuned; and the report of one model (`pipeline eval`).
 
     report dict ──write_report──► folder/report.json
                               ├─► folder/report.md    verdict + language-modelling and task tables + samples + settings
                               └─► folder/*.png        perplexity, bits_per_byte, task_<name>: one bar per model
+    model report ──write_model_report──► folder/report.json, folder/report.md (model_tables + settings)
 
 It takes the report and a folder and imports nothing of the stages (the hub reads the same ``report.json``).
 
@@ -15,8 +16,18 @@ It takes the report and a folder and imports nothing of the stages (the hub read
     tasks: {"generation": {...}, "classification": {...}} (only the tasks that ran)
         per model: exact_match, rouge_l / accuracy, f1 (macro); change: absolute difference tuned - base;
         rows (scored rows), few_shot (generation), preview (first rows with their predictions, generation)
-    samples: [{"prompt": str, "base": [completion, ...], "tuned": [...]}]
+    samples: [{"prompt": str, "decoding": str, "base": [completion, ...], "tuned": [...],
+               "sampled": {"decoding": str, "base": [...], "tuned": [...]}}]   (sampled: beside a greedy recipe only)
     settings: models, data, decoding and sizes used
+
+The report of one model (`pipeline eval`, `pipeline.assess`), keys (stable)::
+
+    sets: {name: {perplexity, bits_per_byte, loss, tokens, documents, bytes}}   a --source's name, or a recipe's
+        general / domain; the same numbers as the stage's per-model entries
+    lm_eval: {task: {"metrics": {name: value}, "samples": int, "num_fewshot": int, "higher_is_better": {...}}}
+        lm-evaluation-harness's figures; a metric under a filter other than "none" is named "metric,filter"
+    settings: model, adapter, recipe, sets ({name: {source, block_size}}), max_documents, batch_size, device, dtype,
+        lm_eval (tasks, include, num_fewshot, limit, add_bos_token, max_length, version) or null
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LM_METRICS", "MODELS", "verdict", "write_report"]
+__all__ = ["LM_METRICS", "MODELS", "model_tables", "verdict", "write_model_report", "write_report"]
 
 MODELS = ("base", "tuned")
 LM_METRICS = ("perplexity", "bits_per_byte")  # shown in the tables and plots; lower is better
@@ -41,6 +52,49 @@ def write_report(report: dict[str, Any], folder: Path) -> None:
     plots = _plot(report, folder)
     (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (folder / "report.md").write_text(_markdown(report, plots))
+
+
+def write_model_report(report: dict[str, Any], folder: Path) -> None:
+    """Write one model's report (`pipeline eval`): ``report.json`` and ``report.md`` (its tables, then the
+    settings)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    settings = report.get("settings", {})
+    adapter = f" + adapter `{settings['adapter']}`" if settings.get("adapter") else ""
+    lines = [f"# Evaluation: `{settings.get('model')}`{adapter}", "", model_tables(report),
+             "## Settings", "", _fenced(json.dumps(settings, indent=2), "json"), ""]
+    (folder / "report.md").write_text("\n".join(lines))
+
+
+def model_tables(report: dict[str, Any]) -> str:
+    """One model's numbers as Markdown: a language-modelling table (a row per set and metric, as in the stage's
+    report) and the lm-evaluation-harness tasks in their own table."""
+    lines = []
+    sets = report.get("sets") or {}
+    if sets:
+        lines += ["## Language modelling (lower is better)", "", _row(["set", "metric", "value"]),
+                  _row(["---"] * 3)]
+        lines += [_row([name, metric, _number(entry[metric])]) for name, entry in sets.items() for metric in LM_METRICS]
+        lines.append("")
+        described = (report.get("settings") or {}).get("sets") or {}
+        for name, entry in sets.items():
+            where = described.get(name, {})
+            lines.append(f"- {name}: {entry['documents']} documents, {entry['tokens']} tokens, {entry['bytes']} bytes, "
+                         f"block size {where.get('block_size')} ({where.get('source') or name}).")
+        lines.append("")
+    tasks = report.get("lm_eval") or {}
+    if tasks:
+        lines += ["## lm-evaluation-harness", "", _row(["task", "metric", "value", "better"]), _row(["---"] * 4)]
+        for name, entry in tasks.items():
+            for metric, value in entry["metrics"].items():
+                better = entry.get("higher_is_better", {}).get(metric.partition(",")[0])
+                lines.append(_row([name, metric, _number(value), {True: "higher", False: "lower"}.get(better, "")]))
+        lines.append("")
+        for name, entry in tasks.items():
+            lines.append(f"- {name}: {entry.get('samples')} samples, {entry.get('num_fewshot')}-shot.")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def verdict(report: dict[str, Any]) -> str:
@@ -124,8 +178,13 @@ def _markdown(report: dict[str, Any], plots: list[str]) -> str:
         for i, sample in enumerate(report["samples"], 1):
             lines += [f"### Prompt {i}", "", _fenced(sample["prompt"]), ""]
             for model in (m for m in MODELS if m in sample):
-                for completion in sample[model]:
-                    lines += [f"**{model}**", "", _fenced(sample["prompt"] + completion), ""]
+                decodings = [(sample.get("decoding", ""), sample[model])]
+                if model in sample.get("sampled", {}):
+                    decodings.append((sample["sampled"]["decoding"], sample["sampled"][model]))
+                for decoding, completions in decodings:
+                    for completion in completions:
+                        title = f"**{model}** ({decoding})" if decoding else f"**{model}**"
+                        lines += [title, "", _fenced(sample["prompt"] + completion), ""]
     if plots:
         lines += ["## Plots", "", *(f"![{Path(p).stem}]({p})" for p in plots), ""]
     lines += ["## Settings", "", _fenced(json.dumps(report.get("settings", {}), indent=2), "json"), ""]
@@ -169,11 +228,11 @@ def _plot(report: dict[str, Any], folder: Path) -> list[str]:
     lm_sets = {name: report[name] for name in ("general", "domain") if report.get(name)}
     for metric in LM_METRICS if lm_sets else ():
         groups = {name: {m: entry[m][metric] for m in MODELS if m in entry} for name, entry in lm_sets.items()}
-        charts.append((metric, f"{_label(metric)} (lower is better)", groups))
+        charts.append((metric, f"{_label(metric)} of held-out text (lower is better)", groups))
     for task, entry in (report.get("tasks") or {}).items():
         models = [m for m in MODELS if m in entry]
         groups = {_label(metric): {m: entry[m][metric] for m in models} for metric in entry[models[0]]}
-        charts.append((f"task_{task}", f"{task} (higher is better)", groups))
+        charts.append((f"task_{task}", f"{task} task (higher is better)", groups))
 
     written = []
     for stem, title, groups in charts:
@@ -188,6 +247,12 @@ def _plot(report: dict[str, Any], folder: Path) -> list[str]:
         ax.set_xticks(positions, list(groups))
         if stem == "perplexity":  # base and tuned differ by orders of magnitude across domains
             ax.set_yscale("log")
+            ax.set_ylabel("perplexity (log scale)")
+        elif stem in LM_METRICS:
+            ax.set_ylabel(_label(stem))
+        else:  # task scores live in [0, 1]: the whole range, so that all-zero bars read as zero, not as noise
+            ax.set_ylim(0, 1.08)
+            ax.set_ylabel("score (0 to 1)")
         ax.set_title(title)
         ax.legend()
         ax.grid(axis="y", alpha=0.3)

@@ -1,12 +1,13 @@
 """Held-out language-model scoring: the one definition of loss, perplexity and bits per byte.
 
     training's validation blocks ────────────────────────────┐ (training.evaluate_lm, bytes from token ids)
-    documents ──document_loader──► one document per window ──┴─ score_batches (evaluation, bytes of the texts)
+    documents ──document_loader──► one document per window ──┴─ score_batches (language_model_metrics: the
+                                                                 evaluate stage, `pipeline eval`; bytes of the texts)
         per batch: example_sums ──► per example: Σ NLL, targets, Σ NLL of the byte-bearing targets, their bytes
                    accelerator.gather_for_metrics ──► every example once (accelerate's padding repeats dropped)
         all batches: Totals.pool (math.fsum) ──► Totals ──► loss, perplexity, bits_per_byte
 
-Definitions, shared by the training loop's validation and the evaluation stage:
+Definitions, shared by the training loop's validation, the evaluation stage and `pipeline eval`:
 
 * **loss**: nats per target token (``labels != -100`` after the shift), zero-byte targets such as a document's
   closing EOS included: the model must learn to stop.
@@ -26,19 +27,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.data import IGNORE_INDEX, collate
+from pipeline.sources import evenly_spaced
 
-__all__ = ["TEXT", "Totals", "document_loader", "example_sums", "perplexity", "score_batches"]
+__all__ = ["TEXT", "Totals", "document_loader", "example_sums", "language_model_metrics", "perplexity", "score_batches"]
 
 TEXT = "text"
 """Optional batch column, (B, T): 1 where the token belongs to the scored text. Marks the targets that count in
@@ -136,6 +139,59 @@ def document_loader(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked, any id works
     windows = _windows(tokenizer, list(texts), block_size)
     return DataLoader(windows, batch_size=batch_size, collate_fn=partial(_collate_windows, pad_token_id=pad_id))
+
+
+def language_model_metrics(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts_dataset: Dataset | Sequence[str],
+    *,
+    block_size: int,
+    batch_size: int,
+    accelerator: Accelerator,
+    max_documents: int | None = None,
+) -> dict[str, float]:
+    """Perplexity and bits per byte of ``model`` on the documents of ``texts_dataset`` (a ``text`` column or strings),
+    as this module defines them.
+
+    Each document is scored on its own as ``[bos] + tokens + [eos]``, in windows of ``block_size`` tokens
+    overlapping by one, so each target is predicted exactly once (`document_loader`). Perplexity
+    and ``loss`` are per target token and include the closing EOS (the model must learn to stop). Bits per byte is
+    the standard one (as lm-evaluation-harness computes it): the NLL in bits of the text's own tokens, over the
+    UTF-8 bytes of the texts; the EOS stands for no byte of the text and is left out of it.
+
+    ``model`` must be on ``accelerator.device``. Windows are split over the processes by the prepared loader and
+    gathered with ``gather_for_metrics``. At most ``max_documents`` documents, evenly spaced, are scored.
+    Returns ``perplexity``, ``bits_per_byte``, ``loss`` (nats per target token), ``tokens`` (targets scored),
+    ``documents`` and ``bytes``.
+    """
+    texts = _texts(texts_dataset, max_documents)
+    loader = accelerator.prepare(document_loader(tokenizer, texts, block_size, batch_size))
+    model.eval()
+    n_bytes = sum(len(text.encode("utf-8")) for text in texts)
+    # Over the texts' own bytes, which any tokenizer has (token byte lengths need byte-level BPE).
+    totals = replace(score_batches(model, loader, accelerator), bytes=n_bytes)
+    return {
+        "perplexity": totals.perplexity,
+        "bits_per_byte": totals.bits_per_byte,
+        "loss": totals.loss,
+        "tokens": totals.targets,
+        "documents": len(texts),
+        "bytes": n_bytes,
+    }
+
+
+def _texts(texts_dataset: Dataset | Sequence[str], max_documents: int | None) -> list[str]:
+    if isinstance(texts_dataset, Dataset):
+        if "text" not in texts_dataset.column_names:
+            raise ValueError(f"the dataset has no 'text' column (columns: {texts_dataset.column_names})")
+        texts_dataset = evenly_spaced(texts_dataset, max_documents)["text"]
+    else:
+        texts_dataset = evenly_spaced(texts_dataset, max_documents)
+    texts = [text for text in texts_dataset if text]
+    if not texts:
+        raise ValueError("no text to score: every document is empty")
+    return texts
 
 
 def _windows(tokenizer: PreTrainedTokenizerBase, texts: list[str], block_size: int) -> list[dict[str, Any]]:

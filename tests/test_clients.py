@@ -22,11 +22,11 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline.models.quill  # noqa: F401  (registers Quill with the Auto classes and PEFT)
-from pipeline.evaluation import language_model_metrics, measure_pair
-from pipeline.loading import lora_config
-from pipeline.training import save_trained
-from pipeline.loading import load_base, merge_adapter
+from pipeline.evaluation import measure_pair
+from pipeline.loading import load_base, lora_config, merge_adapter
 from pipeline.recipe import LoraSection
+from pipeline.scoring import language_model_metrics
+from pipeline.training import save_trained
 
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}  # what PeftModel.from_pretrained reads
 

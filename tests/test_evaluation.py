@@ -18,12 +18,11 @@ from transformers import AutoModelForSequenceClassification
 import pipeline.models.quill  # noqa: F401  (registers Quill with the Auto classes)
 from pipeline import evaluation
 from pipeline.data import load_corpus, token_byte_lengths
-from pipeline.evaluation import language_model_metrics
 from pipeline.loading import load_base
 from pipeline.metrics import load_metric
 from pipeline.models.quill import QuillForCausalLM
 from pipeline.recipe import recipe_from_dict
-from pipeline.scoring import TEXT, document_loader
+from pipeline.scoring import TEXT, document_loader, language_model_metrics
 from pipeline.training import seed_everything
 from tiny import fitted_quill, make_rows, rows_quill, rows_tokenizer
 
@@ -184,7 +183,7 @@ def test_the_stage_writes_every_artefact_and_compares_base_with_tuned(finished_r
     generation = report["tasks"]["generation"]
     assert generation["rows"] == 5 and len(generation["preview"]) == 5
     for row in generation["preview"]:
-        assert row["prompt"].count("\n\n") == 2 and row["prompt"].endswith(" means: ")
+        assert row["prompt"].count("\n\n") == 2 and row["prompt"].endswith(" means:")  # the space comes with the answer
     for model in ("base", "tuned"):
         predictions = [row[model] for row in generation["preview"]]
         references = [row["reference"] for row in generation["preview"]]
@@ -193,7 +192,13 @@ def test_the_stage_writes_every_artefact_and_compares_base_with_tuned(finished_r
 
     assert [s["prompt"] for s in report["samples"]] == ["A01 Acute", "Notes:"]
     assert all(len(s["base"]) == 1 and len(s["tuned"]) == 1 for s in report["samples"])
+    # Beside the recipe's greedy decoding, one seeded sample of each model: what its distribution holds.
+    assert all(s["decoding"] == "greedy" and s["sampled"]["decoding"] == "sampled, temperature 0.8, top-k 50"
+               and len(s["sampled"]["base"]) == len(s["sampled"]["tuned"]) == 1 for s in report["samples"])
     markdown = (folder / "report.md").read_text()
+    sample = report["samples"][0]
+    assert f"**tuned** (sampled, temperature 0.8, top-k 50)\n\n```text\n{sample['prompt']}{sample['sampled']['tuned'][0]}" \
+        in markdown and "**base** (greedy)" in markdown
     assert "change (relative)" in markdown and "General perplexity" in markdown
     assert report["settings"]["tuned_model"] == str(adapter)
 
