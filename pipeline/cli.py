@@ -1,5 +1,5 @@
-"""Command line: `pipeline run RECIPE [--stages ...] [--dry-run] [KEY.SUB=VALUE ...]`, `schema`, `inspect`, and
-what comes after training: `generate`, `chat`, `serve`, `merge`, `export`, `eval`.
+"""Command line: `pipeline run RECIPE [--stages ...] [--dry-run] [KEY.SUB=VALUE ...]`, `schema`, `recipes`, `data`,
+`inspect`, and what comes after training: `generate`, `chat`, `serve`, `merge`, `export`, `eval`.
 
 The same command runs on many processes: `accelerate launch [--config_file ...] -m pipeline run RECIPE`.
 
@@ -16,6 +16,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+
+DESCRIPTION = ("One YAML recipe from raw text to a trained, fine-tuned, evaluated model (run); then look inside it "
+               "(inspect) and use it (generate, chat, serve, merge, export, eval).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,7 +44,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build_parser() -> argparse.ArgumentParser:
     from pipeline import __version__
 
-    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pipeline", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run(commands)
