@@ -34,18 +34,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 from transformers import AutoConfig, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from pipeline.data import held_out_sections, load_splits
+from pipeline.data import evaluation_sets
 from pipeline.inference import context_length, load_for_inference
-from pipeline.recipe import Recipe, SourceSection, load_recipe
+from pipeline.recipe import Recipe, load_recipe
 from pipeline.scoring import language_model_metrics
 from pipeline.sources import (
     SourceSpec,
     as_source_spec,
-    evenly_spaced,
     load_source,
     validate_source,
 )
@@ -247,34 +246,14 @@ def _describe(spec: SourceSpec) -> str:
 
 
 def _recipe_sets(recipe: Recipe, max_documents: int | None) -> list[_Set]:
-    """The sets the recipe's evaluate stage scores, as it chooses them (`pipeline.evaluation`'s plan and data)."""
-    section = recipe.evaluate
-    cap = section.max_documents if max_documents is None else max_documents
-    held_out_by = held_out_sections(recipe)
-    sets = []
-    wanted = [("general", section.general, recipe.data, "data")]
-    if section.domain is not None or recipe.runs("finetune"):
-        wanted.append(("domain", section.domain, recipe.finetune.data, "finetune.data"))
-    for name, dedicated, data, key in wanted:
-        if dedicated is not None:
-            for source in dedicated:
+    """The sets the recipe's evaluate stage scores, chosen and loaded as it does (`data.evaluation_sets`)."""
+    cap = recipe.evaluate.max_documents if max_documents is None else max_documents
+    chosen = evaluation_sets(recipe)
+    for evaluation_set in chosen:
+        if not evaluation_set.held_out:
+            for source in evaluation_set.sources:
                 validate_source(source)
-            names = ", ".join(source.name for source in dedicated)
-            sets.append(_Set(name, f"evaluate sources ({names})",
-                             lambda dedicated=dedicated: _dedicated_texts(dedicated, cap), data.block_size))
-        else:
-            names = ", ".join(source.name for source in data.sources)
-            sets.append(_Set(name, f"validation split of {key} ({names})",
-                             lambda data=data: evenly_spaced(load_splits(data, recipe.seed, held_out_by)[1], cap),
-                             data.block_size))
-    return sets
-
-
-def _dedicated_texts(sources: list[SourceSection], cap: int | None) -> Dataset:
-    """As the evaluate stage reads ``evaluate.general`` / ``domain``: ``cap`` documents evenly spaced over the
-    concatenated sources, so each keeps its share."""
-    parts = [load_source(source).select_columns(["text"]) for source in sources]
-    return evenly_spaced(concatenate_datasets(parts), cap)
+    return [_Set(s.name, s.description, lambda s=s: s.load(recipe, cap), s.section.block_size) for s in chosen]
 
 
 def _block_size(block_size: int | None, model: torch.nn.Module, what: str) -> int:

@@ -43,20 +43,29 @@ from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.sources import SourceSpec, as_source_spec, load_source, source_identity, validate_source
+from pipeline.sources import (
+    SourceSpec,
+    as_source_spec,
+    evenly_spaced,
+    load_source,
+    source_identity,
+    validate_source,
+)
 
 if TYPE_CHECKING:  # type hints only: the data stage reads a section's fields, it does not need the recipe
     from accelerate import Accelerator
 
-    from pipeline.recipe import DataSection, Recipe
+    from pipeline.recipe import DataSection, Recipe, SourceSection
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "IGNORE_INDEX",
+    "EvaluationSet",
     "PREPROCESSING_VERSION",
     "block_loaders",
     "cached_map",
+    "evaluation_sets",
     "collate",
     "held_out_sections",
     "load_corpus",
@@ -109,6 +118,43 @@ def held_out_sections(recipe: Recipe) -> tuple[DataSection, ...]:
     validation) and ``finetune.data`` (the domain set, the generation and classification rows). Pass them as
     `held_out_by` to `load_splits` / `block_loaders`."""
     return tuple(section for section in (recipe.data, recipe.finetune.data) if section is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSet:
+    """A held-out set the evaluate stage scores: ``general`` or ``domain``."""
+
+    name: str
+    sources: list[SourceSection]
+    held_out: bool  # the validation split of `section` (True), or evaluation-only sources (``evaluate.<name>``)
+    section: DataSection  # the training data it stands beside: its block size, and its split when held out
+    key: str  # that section's recipe key
+
+    @property
+    def description(self) -> str:
+        names = ", ".join(source.name for source in self.sources)
+        return f"validation split of {self.key} ({names})" if self.held_out else f"evaluate sources ({names})"
+
+    def load(self, recipe: Recipe, cap: int | None) -> Dataset:
+        """The documents: at most ``cap``, evenly spaced (over the sources' concatenation, so each keeps its
+        share, for evaluation-only sources)."""
+        if self.held_out:
+            return evenly_spaced(load_splits(self.section, recipe.seed, held_out_sections(recipe))[1], cap)
+        parts = [load_source(source).select_columns(["text"]) for source in self.sources]
+        return evenly_spaced(datasets.concatenate_datasets(parts), cap)
+
+
+def evaluation_sets(recipe: Recipe) -> list[EvaluationSet]:
+    """The language-modelling sets of a recipe's evaluate stage, the one place that chooses them (the stage and
+    `pipeline eval --recipe` both ask): ``general`` (``evaluate.general``, else the validation split of ``data``) and,
+    when fine-tuning runs or ``evaluate.domain`` is set, ``domain`` (``evaluate.domain``, else the validation split
+    of ``finetune.data``)."""
+    section = recipe.evaluate
+    wanted = [("general", section.general, recipe.data, "data")]
+    if section.domain is not None or recipe.runs("finetune"):
+        wanted.append(("domain", section.domain, recipe.finetune.data, "finetune.data"))
+    return [EvaluationSet(name, dedicated or data.sources, dedicated is None, data, key)
+            for name, dedicated, data, key in wanted]
 
 
 def tokenizer_section(recipe: Recipe) -> DataSection | None:

@@ -43,11 +43,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from datasets import ClassLabel, Dataset, IterableDataset, concatenate_datasets
+from datasets import ClassLabel, Dataset, IterableDataset
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.artifacts import RunArtifacts, TunedModel, base_model, tuned_model
-from pipeline.data import collate, held_out_sections, load_splits
+from pipeline.data import EvaluationSet, collate, evaluation_sets, held_out_sections, load_splits
 from pipeline.generation import (
     FEW_SHOT_POOL,
     beside_greedy,
@@ -58,10 +58,10 @@ from pipeline.generation import (
 )
 from pipeline.loading import load_base, load_tokenizer, load_tuned
 from pipeline.metrics import load_metric
-from pipeline.recipe import Recipe, SourceSection, recipe_to_dict
+from pipeline.recipe import Recipe, recipe_to_dict
 from pipeline.report import LM_METRICS, MODELS, write_report
 from pipeline.scoring import language_model_metrics
-from pipeline.sources import evenly_spaced, load_source
+from pipeline.sources import evenly_spaced
 from pipeline.training import seed_everything
 
 __all__ = ["NAME", "measure_pair", "run"]
@@ -125,10 +125,7 @@ class _Plan:
     tuned: TunedModel | None  # None: fine-tuning is off, only the base is evaluated
     tasks: list[str]
     num_labels: int | None = None
-    general_sources: list[SourceSection] | None = None
-    domain_sources: list[SourceSection] | None = None
-    general_is_held_out: bool = True  # the validation split of a training data section, not a dedicated set
-    domain_is_held_out: bool = True
+    sets: dict[str, EvaluationSet] = field(default_factory=dict)  # general, domain: the language-modelling sets
 
     @property
     def needs_causal_lm(self) -> bool:
@@ -166,11 +163,7 @@ def _plan(recipe: Recipe) -> _Plan:
         if plan.tuned.classifier:
             plan.num_labels = _num_labels(plan.tuned.head)
     if "perplexity" in tasks:
-        plan.general_sources = section.general or recipe.data.sources
-        plan.general_is_held_out = section.general is None
-        if section.domain is not None or plan.tuned is not None:
-            plan.domain_sources = section.domain or finetune.data.sources
-            plan.domain_is_held_out = section.domain is None
+        plan.sets = {s.name: s for s in evaluation_sets(recipe)}
     return plan
 
 
@@ -209,27 +202,16 @@ def _load_data(recipe: Recipe, plan: _Plan, tokenizer: PreTrainedTokenizerBase, 
     needs_rows = bool({"generation", "classification"} & set(plan.tasks))
     held_out_by = held_out_sections(recipe)  # the split every stage used: these sets were never trained on
     with accelerator.main_process_first():  # the others read the main process's dataset caches
-        if plan.general_sources is not None:
-            data.general = (evenly_spaced(load_splits(recipe.data, recipe.seed, held_out_by)[1], cap)
-                            if plan.general_is_held_out else _dedicated_texts(plan.general_sources, cap))
-        finetune_splits = None
-        if needs_rows or (plan.domain_sources is not None and plan.domain_is_held_out):
-            finetune_splits = load_splits(recipe.finetune.data, recipe.seed, held_out_by)
-        if plan.domain_sources is not None:
-            data.domain = (evenly_spaced(finetune_splits[1], cap) if plan.domain_is_held_out
-                           else _dedicated_texts(plan.domain_sources, cap))
+        if "general" in plan.sets:
+            data.general = plan.sets["general"].load(recipe, cap)
+        if "domain" in plan.sets:
+            data.domain = plan.sets["domain"].load(recipe, cap)
+        finetune_splits = load_splits(recipe.finetune.data, recipe.seed, held_out_by) if needs_rows else None
     if "generation" in plan.tasks:
         data.prompts, data.references = _generation_rows(recipe, tokenizer, *finetune_splits, cap)
     if "classification" in plan.tasks:
         data.texts, data.labels = _classification_rows(recipe, finetune_splits[1], cap, plan.num_labels)
     return data
-
-
-def _dedicated_texts(sources: list[SourceSection], cap: int | None) -> Dataset:
-    """The documents of evaluation-only sources (``evaluate.general`` / ``domain``): all of them, or ``cap`` evenly
-    spaced over their concatenation, so each source keeps its share."""
-    parts = [load_source(source) for source in sources]
-    return evenly_spaced(concatenate_datasets([part.select_columns(["text"]) for part in parts]), cap)
 
 
 def _generation_rows(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, train: Dataset | IterableDataset,
@@ -409,8 +391,8 @@ def _assemble(plan: _Plan, data: _Data, results: dict[str, dict[str, Any]]) -> d
         "base_model": plan.base,
         "tuned_model": str(plan.tuned.head or plan.tuned.causal_lm) if "tuned" in models else None,
         "tasks": plan.tasks,
-        "general_set": _describe_set(plan.general_sources, plan.general_is_held_out, "data"),
-        "domain_set": _describe_set(plan.domain_sources, plan.domain_is_held_out, "finetune.data"),
+        "general_set": plan.sets["general"].description if "general" in plan.sets else None,
+        "domain_set": plan.sets["domain"].description if "domain" in plan.sets else None,
         "block_size": {"general": recipe.data.block_size, "domain": recipe.finetune.data.block_size},
         "max_documents": recipe.evaluate.max_documents,
         "batch_size": recipe.evaluate.batch_size,
@@ -429,10 +411,3 @@ def _compared(by_model: dict[str, dict[str, float]], relative: bool) -> dict[str
         keys = LM_METRICS if relative else list(base)
         entry["change"] = {k: (tuned[k] / base[k] - 1.0 if relative else tuned[k] - base[k]) for k in keys}
     return entry
-
-
-def _describe_set(sources: list[SourceSection] | None, held_out: bool, section: str) -> str | None:
-    if sources is None:
-        return None
-    names = ", ".join(source.name for source in sources)
-    return f"validation split of {section} ({names})" if held_out else f"evaluate sources ({names})"
