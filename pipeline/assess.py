@@ -24,7 +24,6 @@ fine-tuning is on or ``evaluate.domain`` is set, ``domain`` (``evaluate.domain``
 
 from __future__ import annotations
 
-import difflib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from pipeline.scoring import language_model_metrics
 from pipeline.sources import (
     SourceSpec,
     as_source_spec,
+    did_you_mean,
     load_source,
     validate_source,
 )
@@ -307,7 +307,7 @@ def lm_eval_task_manager(spec: LmEval) -> Any:
         missing = _missing_tasks(manager, spec.tasks)
         if not missing:
             return manager
-    hints = "; ".join(f"{task!r}{_did_you_mean(task, manager.all_tasks)}" for task in missing)
+    hints = "; ".join(f"{task!r}{did_you_mean(task, manager.all_tasks, cutoff=0.75)}" for task in missing)
     where = f"{spec.include} nor " if spec.include is not None else ""
     raise ValueError(f"unknown lm-eval task {hints}: not in {where}lm-eval {_import_lm_eval().__version__}'s tasks. "
                      "Fix: check the name (`lm_eval ls tasks` lists them), or put its YAML in a folder and pass "
@@ -317,11 +317,6 @@ def lm_eval_task_manager(spec: LmEval) -> Any:
 def _missing_tasks(manager: Any, tasks: Sequence[str]) -> list[str]:
     matched = set(manager.match_tasks(list(tasks)))
     return [task for task in tasks if task not in matched and not any(c in task for c in "*?[")]
-
-
-def _did_you_mean(name: str, candidates: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.75)
-    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
 def _lm_eval_settings(spec: LmEval) -> dict[str, Any]:

@@ -52,6 +52,7 @@ __all__ = [
     "CORPORA",
     "SourceSpec",
     "as_source_spec",
+    "did_you_mean",
     "evenly_spaced",
     "fingerprint",
     "fingerprint_changes",
@@ -165,7 +166,7 @@ def as_source_spec(spec: SourceLike) -> SourceSpec:
         for key in spec:
             if key not in known:
                 raise ValueError(
-                    f"unknown source field {key!r}{_did_you_mean(str(key), known)}; valid fields: {known}"
+                    f"unknown source field {key!r}{did_you_mean(str(key), known)}; valid fields: {known}"
                 )
         if "name" not in spec:
             raise ValueError(
@@ -192,7 +193,7 @@ def _resolve(spec: SourceSpec) -> tuple[Kind, str, tuple[str, ...]]:
     else:
         raise ValueError(
             f"unknown source {name!r}: not a built-in corpus {sorted(CORPORA)}, an existing path or a Hub id "
-            f"'owner/name'{_did_you_mean(name.lower(), CORPORA)}. For a Hub dataset without an owner write "
+            f"'owner/name'{did_you_mean(name.lower(), CORPORA)}. For a Hub dataset without an owner write "
             f"'hub:{name}'."
         )
 
@@ -305,8 +306,9 @@ def _find_files(name: str) -> tuple[str, ...]:
     return non_empty
 
 
-def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+def did_you_mean(name: str, candidates: Iterable[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'a' or 'b'?)`` for the up to three closest ``candidates``, or ``""``."""
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=cutoff)
     return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
 
 
