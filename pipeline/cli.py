@@ -24,7 +24,12 @@ DESCRIPTION = ("One YAML recipe from raw text to a trained, fine-tuned, evaluate
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
-    return args.handler(args)
+    from pipeline.recipe import RecipeError  # pydantic only: the handlers import what they need
+
+    try:
+        return args.handler(args)
+    except RecipeError as error:  # a recipe refused (on load or by the pre-flight checks): nothing ran
+        return _recipe_refused(error)
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -106,10 +111,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pipeline.recipe import RecipeError, load_recipe, recipe_to_dict
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as error:
-        return _recipe_refused(error)
+    recipe = load_recipe(args.recipe, args.overrides)
     stages = args.stages.split(",") if args.stages else None
     if args.dry_run:
         import yaml
@@ -119,10 +121,7 @@ def _run(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
         print("# plan\n" + json.dumps(plan(recipe, args.num_processes or 1), indent=2))
-        try:
-            preflight.check(recipe, stages)  # what `pipeline run` would refuse, refused here too
-        except RecipeError as error:
-            return _recipe_refused(error)
+        preflight.check(recipe, stages)  # what `pipeline run` would refuse, refused here too
         return 0
 
     from accelerate import PartialState
@@ -132,8 +131,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         outcomes = run_recipe(recipe, stages=stages, expected_processes=args.num_processes, force=args.force)
-    except RecipeError as error:  # the pre-flight checks: nothing ran
-        return _recipe_refused(error)
+    except RecipeError:  # the pre-flight checks: nothing ran (main says why)
+        raise
     except (HubPushError, ValueError, FileNotFoundError, RuntimeError) as error:  # the user's data, world or Hub
         return _report(error)
     if PartialState().is_main_process:
@@ -245,10 +244,7 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
 def _data(args: argparse.Namespace) -> int:
     from pipeline.recipe import RecipeError, load_recipe
 
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as error:
-        return _recipe_refused(error)
+    recipe = load_recipe(args.recipe, args.overrides)
     try:
         from pipeline import runner
         from pipeline.preview import check_stage, default_stages, preview_stage, render
@@ -259,6 +255,8 @@ def _data(args: argparse.Namespace) -> int:
         previews = [preview_stage(recipe, stage, split=args.split, blocks=args.blocks,
                                   tokenizer_staleness=lambda r: runner.freshness(r, "tokenizer").stale,
                                   recipe_file=args.recipe) for stage in stages]
+    except RecipeError:
+        raise
     except (ValueError, OSError) as error:
         return _report(error, code=2)
     if args.json:
@@ -675,8 +673,8 @@ def _eval(args: argparse.Namespace) -> int:
         report = assess(args.model, adapter=args.adapter, sources=sources, recipe=args.recipe, lm_eval=lm_eval,
                         block_size=args.block_size, batch_size=args.batch_size, max_documents=args.max_documents,
                         device=args.device, dtype=args.dtype)
-    except RecipeError as error:
-        return _recipe_refused(error)
+    except RecipeError:
+        raise
     except (ValueError, OSError, ImportError) as error:
         return _report(error)
     if args.out is not None:
