@@ -242,7 +242,7 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from pipeline.recipe import RecipeError, load_recipe
+    from pipeline.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
@@ -255,8 +255,6 @@ def _data(args: argparse.Namespace) -> int:
         previews = [preview_stage(recipe, stage, split=args.split, blocks=args.blocks,
                                   tokenizer_staleness=lambda r: runner.freshness(r, "tokenizer").stale,
                                   recipe_file=args.recipe) for stage in stages]
-    except RecipeError:
-        raise
     except (ValueError, OSError) as error:
         return _report(error, code=2)
     if args.json:
